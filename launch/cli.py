@@ -1,0 +1,69 @@
+"""The command line: ``python -m launch train CONFIG [section.key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from launch.env import apply_defaults, resolve_paths
+from trainer import config as config_lib
+from trainer.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    train = verbs.add_parser("train", help="fine-tune as the config says")
+    train.add_argument("config", type=Path, help="YAML run config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. adapter.rank=16 train.max_steps=10")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    torchrun_worker = "LOCAL_RANK" in os.environ  # started by torchrun: the parent reports
+    env = apply_defaults()
+    cfg = resolve_paths(config_lib.load(args.config, args.overrides))
+    if cfg.model.build is not None:
+        from trainer.tiny import ensure_tiny_model
+
+        ensure_tiny_model(cfg.model.path, cfg.model.build)
+    Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
+    if cfg.distributed.backend == "ray":
+        from launch.ray_job import run_ray
+
+        run_ray(cfg, env)
+    else:
+        from launch.local import run_local
+
+        run_local(cfg)
+    return 0 if torchrun_worker else _print_summary(Path(cfg.output.dir))
+
+
+def _print_summary(out: Path) -> int:
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        print(f"error: the run wrote no {summary_path}", file=sys.stderr)
+        return 1
+    s = json.loads(summary_path.read_text())
+    print(f"\ndone: {s['steps']} steps in {s['wall_s']:.1f} s, {s['tokens_per_s']:.0f} tokens/s")
+    print(f"  train loss {s['train_loss_first']:.4f} -> {s['train_loss_last']:.4f}")
+    if s.get("eval_loss") is not None:
+        print(f"  eval loss  {s['eval_loss_first']:.4f} -> {s['eval_loss']:.4f}")
+    print(f"  outputs    {out}/ (adapter/, config.yaml, summary.json)")
+    if s.get("mlflow_run_id"):
+        print(f"  mlflow     run {s['mlflow_run_id']} at {s['mlflow_tracking_uri']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return {"train": cmd_train}[args.verb](args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,49 @@
+"""Process environment for runs: offline by default, and paths resolved before workers start."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer.config import RunConfig
+
+# Nothing a run does may reach beyond 127.0.0.1 unless the user says so: no hub, no telemetry.
+OFFLINE_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_defaults() -> dict[str, str]:
+    """Set the offline defaults where the user has not; returns the variables workers must inherit."""
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in OFFLINE_DEFAULTS}
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Relative paths in the config become absolute (relative to the current directory), once, here.
+
+    Workers may run in another directory (Ray) or on another node; they must all see the same paths.
+    """
+    raw = cfg.model_dump(mode="json")
+    raw["model"]["path"] = _absolute(raw["model"]["path"])
+    if raw["model"].get("build"):
+        raw["model"]["build"]["tokenizer_corpus"] = [_absolute(p) for p in raw["model"]["build"]["tokenizer_corpus"]]
+    for key in ("train_path", "eval_path"):
+        if raw["data"].get(key):
+            raw["data"][key] = _absolute(raw["data"][key])
+    raw["output"]["dir"] = _absolute(raw["output"]["dir"])
+    uri = raw["tracking"].get("uri")
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        raw["tracking"]["uri"] = "sqlite:///" + _absolute(uri.removeprefix("sqlite:///"))
+    return RunConfig.model_validate(raw)

@@ -1,0 +1,101 @@
+"""The Ray backend: a Ray Train TorchTrainer whose workers run ``trainer.worker.run_worker``.
+
+This is the only module that imports ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from trainer.config import RunConfig
+from trainer.worker import run_worker
+
+log = logging.getLogger(__name__)
+
+
+class RaySink:
+    """Each rank stages its shards in a node-local temp dir; ray.train.report gathers them into one
+    checkpoint under Ray's storage path (``<output.dir>/checkpoints``)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="riemann-tune-ckpt-"))
+
+    def staging_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def commit(self, step: int, staged: Path, metrics: dict[str, float]) -> None:
+        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(str(staged)))
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _train_fn(loop_config: dict[str, Any]) -> None:
+    ctx = ray.train.get_context()
+    # DeepSpeed and our device choice read the torchrun-style variables.
+    os.environ.update(
+        RANK=str(ctx.get_world_rank()),
+        LOCAL_RANK=str(ctx.get_local_rank()),
+        WORLD_SIZE=str(ctx.get_world_size()),
+        LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
+    )
+    run_worker(RunConfig.model_validate(loop_config["config"]), RaySink(), launcher="ray")
+
+
+@contextlib.contextmanager
+def _local_cluster_home(root: Path) -> Iterator[None]:
+    """Start local Ray processes with a HOME holding ray_bootstrap_config.yaml.
+
+    Without that file Ray's dashboard probes cloud metadata addresses (169.254.169.254, ...) even with
+    usage stats off; with it, Ray knows it runs on a local provider and stays on 127.0.0.1.
+    """
+    home = root / "ray-home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
+    old = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["HOME"] = old
+
+
+def run_ray(cfg: RunConfig, env: dict[str, str]) -> None:
+    """Run ``cfg`` as a Ray Train job, on ``distributed.ray_address`` or a local cluster it starts."""
+    d = cfg.distributed
+    runtime_env = {"env_vars": env}
+    if d.ray_address:
+        ray.init(address=d.ray_address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, int(d.num_workers * d.cpus_per_worker) + 1)
+        with _local_cluster_home(Path(cfg.output.dir).parent / ".ray"):
+            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    try:
+        use_gpu = bool(d.use_gpu)
+        trainer = TorchTrainer(
+            _train_fn,
+            train_loop_config={"config": cfg.model_dump(mode="json")},
+            scaling_config=ScalingConfig(
+                num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
+            ),
+            run_config=ray.train.RunConfig(
+                name=Path(cfg.output.dir).name,
+                storage_path=str(Path(cfg.output.dir) / "checkpoints"),
+                failure_config=FailureConfig(max_failures=0),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            ),
+        )
+        trainer.fit()
+    finally:
+        ray.shutdown()

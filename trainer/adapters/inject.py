@@ -1,0 +1,65 @@
+"""Put adapters into a model: pick the target modules, wrap each, freeze everything else."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from trainer.adapters.base_layers import CONV_TYPES, LINEAR_TYPES, describe
+from trainer.adapters.layer import AdapterLayer
+from trainer.adapters.registry import REGISTRY
+from trainer.config import AdapterConfig, ConfigError
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the modules to adapt. ``all-linear``: every linear layer except the output head."""
+    if targets == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and m is not head]
+    supported = LINEAR_TYPES + CONV_TYPES
+    names = [n for n, m in model.named_modules() if isinstance(m, supported)]
+    chosen = [n for n in names if any(_matches(n, p) for p in targets)]
+    if not chosen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ConfigError(f"adapter.target_modules: {targets} matched no module (candidates: {leaves})")
+    return chosen
+
+
+def inject_adapters(model: nn.Module, cfg: AdapterConfig, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace each target module by an AdapterLayer holding a new ``cfg.method`` adapter (in ``dtype``)."""
+    adapter_cls = REGISTRY[cfg.method]
+    names = find_targets(model, cfg.target_modules)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        adapter = adapter_cls.from_base(base, describe(base), cfg)
+        adapter.to(device=base.weight.device, dtype=dtype)
+        setattr(parent, child, AdapterLayer(base, adapter))
+    return names
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Only adapter parameters train."""
+    adapters = {id(p) for p in adapter_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapters)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, layer in adapter_layers(model) for p in layer.adapter.parameters()]

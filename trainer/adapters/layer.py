@@ -1,0 +1,100 @@
+"""The shared adapter interface and the layer that puts an adapter beside a frozen base layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from trainer.adapters.base_layers import BaseLayerInfo, base_weight, set_base_weight
+from trainer.config import AdapterConfig
+
+# (A, B) -> (A, B): an identity in forward whose backward transforms the factors' gradients (the
+# Riemannian preconditioner attaches one; see trainer.optim.riemannian).
+PairTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Adapter(nn.Module):
+    """The trainable part of one adapted layer. One subclass per method.
+
+    A method implements ``forward`` (the whole layer output, given the base layer) and ``delta_weight``
+    (for merging), and names its tensors in ``peft_state_dict``. Methods with low-rank (A, B) factor
+    pairs list them in ``factor_pairs`` and pass them through ``self.pairs(A, B)`` in forward so the
+    optimizer can precondition their gradients.
+    """
+
+    mergeable: ClassVar[bool] = True
+    method: ClassVar[str]
+
+    def __init__(self, info: BaseLayerInfo) -> None:
+        super().__init__()
+        self.info = info
+        self.pair_transform: PairTransform | None = None
+
+    @classmethod
+    def from_base(cls, base_layer: nn.Module, info: BaseLayerInfo, cfg: AdapterConfig) -> Adapter:
+        """A new adapter for ``base_layer``; methods that read the base weight at init override this."""
+        return cls(info, cfg)  # type: ignore[call-arg]
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """Delta W in (out, in, *kernel) layout, given the (dequantised) base weight."""
+        raise NotImplementedError
+
+    def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """The (A, B) pairs the Riemannian preconditioner acts on: A is (r, in), B is (out, r)."""
+        return []
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors under the names PEFT gives them, relative to the adapted module."""
+        raise NotImplementedError
+
+    @classmethod
+    def peft_config(cls, cfg: AdapterConfig, target_modules: list[str], base_model: str) -> dict[str, Any]:
+        """adapter_config.json for PEFT (or, for methods PEFT lacks, our documented equivalent)."""
+        raise NotImplementedError
+
+    def pairs(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pair_transform is None or not torch.is_grad_enabled():
+            return a, b
+        return self.pair_transform(a, b)
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base layer plus one adapter; ``merge`` folds the adapter into the base weight."""
+
+    def __init__(self, base_layer: nn.Module, adapter: Adapter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return self.adapter(x, self.base_layer)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W0 + dW. The delta is kept so unmerge restores W0 even where dW depends on W0 (DoRA, Bat)."""
+        if not self.adapter.mergeable:
+            raise ValueError(f"{self.adapter.method} adapters are input-dependent and cannot be merged")
+        if self.merged:
+            raise RuntimeError("adapter is already merged")
+        w0 = base_weight(self.base_layer, torch.float32)
+        self._merged_delta = self.adapter.delta_weight(w0).float()
+        set_base_weight(self.base_layer, w0 + self._merged_delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        w = base_weight(self.base_layer, torch.float32)
+        set_base_weight(self.base_layer, w - self._merged_delta)
+        del self._merged_delta
+        self.merged = False

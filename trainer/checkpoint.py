@@ -1,0 +1,88 @@
+"""Adapter artefacts: export in PEFT's on-disk format, and load back (safetensors only).
+
+An adapter directory holds ``adapter_config.json`` (PEFT's config for the method), ``adapter_model.
+safetensors`` (tensors under PEFT's names: ``base_model.model.<module>.<tensor>``) and
+``riemann_tune.json`` (our own adapter config, so a loader never has to parse PEFT's).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainer.adapters import REGISTRY, adapter_layers
+from trainer.adapters.base_layers import is_supported
+from trainer.artifacts import atomic_dir
+from trainer.config import AdapterConfig
+
+PEFT_PREFIX = "base_model.model."
+OUR_CONFIG = "riemann_tune.json"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor under its PEFT name, on the CPU. Under ZeRO-3 call it inside ``gathered``."""
+    state = {}
+    for name, layer in adapter_layers(model):
+        for key, tensor in layer.adapter.peft_state_dict().items():
+            state[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
+    """Leaf names (q_proj, ...) when they pick out exactly the adapted modules, else the full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    chosen = set(adapted)
+    others = [
+        n
+        for n, m in model.named_modules()
+        if is_supported(m) and not n.endswith(".base_layer") and n not in chosen
+    ]
+    overmatched = any(n.rsplit(".", 1)[-1] in leaves for n in others)
+    return sorted(adapted) if overmatched else leaves
+
+
+def save_adapter(
+    state: dict[str, torch.Tensor], model: nn.Module, cfg: AdapterConfig, base_model: str, out_dir: Path
+) -> None:
+    """Write an adapter directory atomically (a crash leaves the previous one intact)."""
+    adapted = [name for name, _ in adapter_layers(model)]
+    targets = peft_target_modules(model, adapted)
+    peft_config = REGISTRY[cfg.method].peft_config(cfg, targets, base_model)
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+        ours = {"adapter": cfg.model_dump(mode="json"), "modules": adapted, "base_model": base_model}
+        (tmp / OUR_CONFIG).write_text(json.dumps(ours, indent=2) + "\n")
+
+
+def read_adapter(adapter_dir: Path) -> tuple[AdapterConfig, list[str], str, dict[str, torch.Tensor]]:
+    """(adapter config, adapted module names, base model path, tensors) of a saved adapter."""
+    meta_path = adapter_dir / OUR_CONFIG
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: not an adapter directory written by this project ({OUR_CONFIG})")
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    cfg = AdapterConfig.model_validate(meta["adapter"])
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    return cfg, list(meta["modules"]), str(meta["base_model"]), tensors
+
+
+@torch.no_grad()
+def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the model's adapters; every tensor must be used and every one present."""
+    unused = dict(tensors)
+    for name, layer in adapter_layers(model):
+        for key, param in layer.adapter.peft_state_dict().items():
+            full = f"{PEFT_PREFIX}{name}.{key}"
+            if full not in unused:
+                raise KeyError(f"adapter file lacks {full}")
+            saved = unused.pop(full)
+            if saved.shape != param.shape:
+                raise ValueError(f"{full}: saved shape {tuple(saved.shape)} != model shape {tuple(param.shape)}")
+            param.copy_(saved)
+    if unused:
+        raise KeyError(f"adapter file holds tensors for modules the model lacks: {sorted(unused)[:5]}")

@@ -1,0 +1,290 @@
+"""The run configuration: one typed, validated section per concern.
+
+A run is one YAML file plus optional dotted overrides (``adapter.rank=16``). It is validated once, here,
+at the boundary; every error names the file and the field path (``configs/x.yaml: adapter.rank: must be
+> 0``). Each field is documented where it is declared.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file and the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class TinyModelSpec(Section):
+    """A small random-init Llama built at ``model.path`` on first use (no download needed)."""
+
+    hidden_size: int = Field(64, gt=0)
+    """Width of the residual stream."""
+    intermediate_size: int = Field(128, gt=0)
+    """Width of the MLP."""
+    num_layers: int = Field(2, gt=0)
+    """Number of decoder layers."""
+    num_heads: int = Field(4, gt=0)
+    """Attention heads (hidden_size must divide evenly)."""
+    num_kv_heads: int = Field(2, gt=0)
+    """Key/value heads (grouped-query attention)."""
+    vocab_size: int = Field(1024, ge=260)
+    """Byte-level BPE vocabulary size of the tokenizer trained on ``tokenizer_corpus``."""
+    tokenizer_corpus: list[str] = Field(min_length=1)
+    """Local text/jsonl files the tokenizer is trained on."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+    pretrain_steps: int = Field(0, ge=0)
+    """Full-parameter training steps on ``tokenizer_corpus`` before saving, so the base is not pure noise."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelSpec:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must divide hidden_size and num_kv_heads must divide num_heads")
+        return self
+
+
+class ModelConfig(Section):
+    path: str
+    """Local directory of the base model (a transformers checkpoint). Never downloaded."""
+    quantization: Literal["nf4", "none"] = "none"
+    """nf4: the frozen base is loaded in 4-bit NF4 through bitsandbytes (double quant, storage in the
+    compute dtype so ZeRO-3 can shard it)."""
+    build: TinyModelSpec | None = None
+    """If set and ``path`` holds no model yet, build this tiny random-init model there first."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+
+
+class AdapterConfig(Section):
+    method: Literal["lora"] = "lora"
+    """Adapter method (see docs/METHODS.md)."""
+    rank: int = Field(8, gt=0)
+    """Rank r of the low-rank factors."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module-name suffixes or regexes (``re:...``) to adapt, or all-linear (every Linear but lm_head)."""
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Base optimizer; with the preconditioner on these are scaled AdamW / scaled GD."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's moment decay rates."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam's denominator epsilon."""
+    momentum: float = Field(0.0, ge=0, lt=1)
+    """SGD momentum."""
+    preconditioner: Literal["riemannian", "none"] = "riemannian"
+    """riemannian: precondition each (A, B) pair's gradient by its r x r Gram matrices (arXiv 2402.02347)."""
+    delta: float = Field(1e-2, ge=0)
+    """Regulariser added to the r x r Gram matrices before the solve (PEFT's default, 1e-2)."""
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm (of the preconditioned gradient) to this; null disables."""
+
+
+class DataConfig(Section):
+    train_path: str
+    """Local jsonl file of training rows."""
+    eval_path: str | None = None
+    """Local jsonl file of evaluation rows; null: no evaluation."""
+    format: Literal["instruction", "text"] = "instruction"
+    """instruction: prompt/response rows rendered with ``prompt_template``; text: one text field."""
+    prompt_field: str = "instruction"
+    """Field holding the prompt (instruction format)."""
+    response_field: str = "response"
+    """Field holding the response (instruction format)."""
+    text_field: str = "text"
+    """Field holding the text (text format)."""
+    prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    """Template around the prompt; the response follows it directly, then the EOS token."""
+    train_on_prompt: bool = False
+    """False: only response tokens carry loss."""
+    max_seq_len: int = Field(256, gt=1)
+    """Examples longer than this are truncated."""
+
+
+class DistributedConfig(Section):
+    backend: Literal["ray", "local"] = "local"
+    """ray: a Ray Train TorchTrainer; local: this process (and torchrun-spawned peers)."""
+    num_workers: int = Field(1, gt=0)
+    """Data-parallel workers (processes)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU (ZeRO-Offload)."""
+    use_gpu: bool | None = None
+    """Train on GPUs; null: when CUDA is available."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each worker."""
+    ray_address: str | None = None
+    """Existing Ray cluster to join (auto or HOST:PORT); null: start a local one."""
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, gt=0)
+    """Optimizer steps."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Examples per worker per forward pass."""
+    grad_accum_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step on each worker."""
+    seed: int = 0
+    """Seed of adapter init, data order and dropout."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Training (and compute) dtype."""
+    eval_every_n_steps: int = Field(0, ge=0)
+    """Evaluate every N steps (0: only at the start and the end)."""
+    eval_max_batches: int | None = Field(None, gt=0)
+    """Cap on eval micro-batches per worker; null: the whole eval set."""
+    log_every_n_steps: int = Field(1, gt=0)
+    """Log metrics every N steps."""
+
+
+class CheckpointConfig(Section):
+    every_n_steps: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0: never)."""
+    keep_last: int = Field(2, gt=0)
+    """How many checkpoints to keep."""
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    """Log to MLflow (rank 0 only)."""
+    uri: str | None = None
+    """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/../mlflow.db."""
+    experiment: str = "default"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name; null: the output directory's name."""
+
+
+class OutputConfig(Section):
+    dir: str
+    """Where the run writes adapter/, config.yaml, summary.json (and checkpoints/)."""
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    adapter: AdapterConfig = AdapterConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig
+    distributed: DistributedConfig = DistributedConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output: OutputConfig
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step, over all workers and accumulation steps."""
+        t = self.train
+        return t.micro_batch_size * t.grad_accum_steps * self.distributed.num_workers
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "missing": "is required",
+    "extra_forbidden": "unknown field",
+}
+
+
+def _format_error(err: Any) -> str:
+    path = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    template = _MESSAGES.get(err["type"])
+    msg = template.format(**err.get("ctx", {})) if template else err["msg"]
+    return f"{path}: {msg}" if path else msg
+
+
+def validate(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Validate a raw mapping into a RunConfig; errors name ``source`` and each field path."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{source}: {_format_error(err)}" for err in e.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping, returning a copy."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:  # type: ignore[assignment]
+    """Load a YAML config file, apply dotted overrides and validate it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    source = f"{path}" + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    return validate(apply_overrides(raw, list(overrides)), source)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what a run saves as config.yaml)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: RunConfig) -> dict[str, str]:
+    """The resolved config as flat ``section.field`` -> string pairs (MLflow params)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = str(node)
+
+    walk("", cfg.model_dump(mode="json"))
+    return flat

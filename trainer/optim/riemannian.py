@@ -1,0 +1,135 @@
+"""Riemannian preconditioner for low-rank factor pairs, applied locally per layer in backward.
+
+Zhang & Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning Foundation Models", arXiv 2402.02347.
+For each adapter pair A (r x in), B (out x r) the raw gradients become
+
+    g_A' = (B^T B + d I)^-1 g_A        g_B' = g_B (A A^T + d I)^-1
+
+and the base optimizer (AdamW, SGD) consumes g' (Adam's moments are moments of g'). The scale s of the
+adapter is ignored; raw A and B are used, before the update.
+
+Why it lives in backward: P is linear in g and A, B are the same on every rank, so P(sum of rank
+gradients) = sum of P(rank gradient). Each layer's gradient is therefore preconditioned on its own rank,
+before DeepSpeed reduces it, with no extra communication under DDP or ZeRO 1-3 and exactly the same
+result under gradient accumulation. The factors are whole only inside their module's forward (ZeRO-3
+gathers them there), so the r x r Gram matrices are formed in forward by an identity autograd function
+wrapped around (A, B), kept, and used by that function's backward. All pending Gram matrices are
+factorised together in one batched Cholesky (per rank size and device) on the first backward call
+after a forward, and solved in ``solve_dtype`` whatever the training dtype. A system that is singular or
+not finite falls back to the identity for that layer and is counted, never a NaN.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.adapters.inject import adapter_layers
+
+
+class _PairSlot:
+    """The r x r state of one (A, B) pair: Gram matrices from the last forward and their factors."""
+
+    __slots__ = ("chol_a", "chol_b", "gram_a", "gram_b", "owner")
+
+    def __init__(self, owner: RiemannianPreconditioner) -> None:
+        self.owner = owner
+        self.gram_a: torch.Tensor | None = None  # A A^T
+        self.gram_b: torch.Tensor | None = None  # B^T B
+        self.chol_a: torch.Tensor | None = None
+        self.chol_b: torch.Tensor | None = None
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _PreconditionGrad.apply(a, b, self)  # type: ignore[no-any-return]
+
+    def set_grams(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        dtype = self.owner.solve_dtype
+        a, b = a.detach().to(dtype), b.detach().to(dtype)
+        self.gram_a, self.gram_b = a @ a.T, b.T @ b
+        self.owner.pending.append(self)
+
+    def solve_a(self, grad: torch.Tensor) -> torch.Tensor:
+        """(B^T B + d I)^-1 g_A."""
+        self.owner.factorize_pending()
+        assert self.chol_b is not None
+        return torch.cholesky_solve(grad.to(self.chol_b.dtype), self.chol_b).to(grad.dtype)
+
+    def solve_b(self, grad: torch.Tensor) -> torch.Tensor:
+        """g_B (A A^T + d I)^-1, as ((A A^T + d I)^-1 g_B^T)^T since the system is symmetric."""
+        self.owner.factorize_pending()
+        assert self.chol_a is not None
+        return torch.cholesky_solve(grad.T.to(self.chol_a.dtype), self.chol_a).T.to(grad.dtype)
+
+
+class _PreconditionGrad(torch.autograd.Function):
+    """Identity on (A, B) in forward (recording their Gram matrices); preconditions their grads in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, slot: _PairSlot) -> tuple[torch.Tensor, ...]:
+        slot.set_grams(a, b)
+        ctx.slot = slot
+        return a.view_as(a), b.view_as(b)
+
+    @staticmethod
+    def backward(ctx: Any, grad_a: torch.Tensor, grad_b: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        slot: _PairSlot = ctx.slot
+        return slot.solve_a(grad_a), slot.solve_b(grad_b), None
+
+
+class RiemannianPreconditioner:
+    """Owns the per-pair slots of a model and factorises their systems in batches.
+
+    ``delta`` is the regulariser d added to both Gram matrices before the solve.
+    """
+
+    def __init__(self, delta: float, solve_dtype: torch.dtype = torch.float32) -> None:
+        self.delta = delta
+        self.solve_dtype = solve_dtype
+        self.slots: list[_PairSlot] = []
+        self.pending: list[_PairSlot] = []
+        self._fallbacks: torch.Tensor | None = None
+
+    def attach(self, model: nn.Module) -> int:
+        """Give every adapter with (A, B) pairs a slot; returns the number of pairs."""
+        for _, layer in adapter_layers(model):
+            pairs = [(a, b) for a, b in layer.adapter.factor_pairs() if a.requires_grad and b.requires_grad]
+            if len(pairs) > 1:
+                raise NotImplementedError("one (A, B) pair per adapter is supported")
+            if pairs:
+                slot = _PairSlot(self)
+                layer.adapter.pair_transform = slot
+                self.slots.append(slot)
+        return len(self.slots)
+
+    @property
+    def fallbacks(self) -> int:
+        """Systems that fell back to the identity so far (reading it synchronises the device)."""
+        return 0 if self._fallbacks is None else int(self._fallbacks.item())
+
+    @torch.no_grad()
+    def factorize_pending(self) -> None:
+        if not self.pending:
+            return
+        groups: dict[tuple[int, torch.device], list[_PairSlot]] = defaultdict(list)
+        for slot in self.pending:
+            assert slot.gram_a is not None
+            groups[(slot.gram_a.shape[-1], slot.gram_a.device)].append(slot)
+        self.pending = []
+        for slots in groups.values():
+            grams = torch.stack([s.gram_a for s in slots] + [s.gram_b for s in slots])  # type: ignore[misc]
+            chol = self._cholesky(grams)
+            n = len(slots)
+            for i, slot in enumerate(slots):
+                slot.chol_a, slot.chol_b = chol[i], chol[n + i]
+
+    def _cholesky(self, grams: torch.Tensor) -> torch.Tensor:
+        """Batched Cholesky of G + d I; a system that fails (or is not finite) gets the identity."""
+        eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
+        chol, info = torch.linalg.cholesky_ex(grams + self.delta * eye)
+        ok = (info == 0) & chol.isfinite().all(dim=(-2, -1))
+        failed = (~ok).sum()
+        self._fallbacks = failed if self._fallbacks is None else self._fallbacks + failed
+        return torch.where(ok[:, None, None], chol, eye)
