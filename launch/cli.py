@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    torchrun_worker = "LOCAL_RANK" in os.environ  # started by torchrun: the parent reports
+    spawned_worker = "RANK" in os.environ  # started by a launcher (ours, torchrun, srun): the parent reports
     env = apply_defaults()
     cfg = resolve_paths(config_lib.load(args.config, args.overrides))
     if cfg.model.build is not None:
@@ -33,6 +33,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         ensure_tiny_model(cfg.model.path, cfg.model.build)
     Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
     if cfg.distributed.backend == "ray":
+        if not cfg.distributed.ray_address:
+            # A local cluster lives on loopback: Ray must not look up (or advertise) the host's address.
+            # Read when ray is first imported, so it is set before.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
         from launch.ray_job import run_ray
 
         run_ray(cfg, env)
@@ -40,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from launch.local import run_local
 
         run_local(cfg)
-    return 0 if torchrun_worker else _print_summary(Path(cfg.output.dir))
+    return 0 if spawned_worker else _print_summary(Path(cfg.output.dir))
 
 
 def _print_summary(out: Path) -> int:

@@ -1,11 +1,19 @@
-"""The local backend: this process, or N processes on this machine through torchrun."""
+"""The local backend: this process, or N worker processes on this machine.
+
+N processes meet through a FileStore in the output directory rather than a TCP store: everything stays
+on this machine, and nothing looks up a host name (torch's TCP store reverse-resolves its peers, which
+sends DNS queries even for 127.0.0.1). gloo talks over the loopback interface. For several machines
+without Ray, use torchrun (slurm/multinode-deepspeed.sbatch): each worker then joins with env://.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +22,59 @@ from trainer.checkpoint_sink import DirectorySink
 from trainer.config import RunConfig
 from trainer.worker import run_worker
 
+INIT_METHOD_ENV = "RIEMANN_TUNE_INIT_METHOD"  # how a spawned worker learns where to meet its peers
+
 
 def run_local(cfg: RunConfig) -> dict[str, Any] | None:
-    """Run in-process when this is a worker (world of one, or started by torchrun/srun), else spawn."""
-    n = cfg.distributed.num_workers
-    if n == 1 or "LOCAL_RANK" in os.environ:
-        return run_worker(cfg, DirectorySink(cfg), launcher="torchrun" if "LOCAL_RANK" in os.environ else "local")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(config_lib.to_yaml(cfg))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-        "-m", "launch", "train", f.name,
-    ]  # fmt: skip
-    try:
-        subprocess.run(cmd, check=True)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
+    """Run in-process when this is a worker (world of one, or spawned/torchrun), else spawn N workers."""
+    spawned = "RANK" in os.environ
+    if cfg.distributed.num_workers == 1 or spawned:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "local"
+        return run_worker(cfg, DirectorySink(cfg), launcher=launcher, init_method=os.environ.get(INIT_METHOD_ENV))
+    spawn_workers(cfg)
     return None
+
+
+def spawn_workers(cfg: RunConfig) -> None:
+    """Start ``num_workers`` copies of this command as ranks 0..N-1; if one fails, stop the others."""
+    n = cfg.distributed.num_workers
+    out = Path(cfg.output.dir)
+    config_path = out / f".config-{uuid.uuid4().hex}.yaml"
+    store = out / f".rendezvous-{uuid.uuid4().hex}"
+    config_path.write_text(config_lib.to_yaml(cfg))
+    procs = []
+    try:
+        for rank in range(n):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(n),
+                "LOCAL_WORLD_SIZE": str(n),
+                "MASTER_ADDR": "127.0.0.1",
+                INIT_METHOD_ENV: f"file://{store}",
+                "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+            }
+            cmd = [sys.executable, "-m", "launch", "train", str(config_path)]
+            procs.append(subprocess.Popen(cmd, env=env))
+        _wait_all(procs)
+    finally:
+        config_path.unlink(missing_ok=True)
+        store.unlink(missing_ok=True)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait()
+            rank, code = failed[0]
+            raise RuntimeError(f"worker rank {rank} exited with code {code}; the other workers were stopped")
+        if all(c == 0 for c in codes):
+            return
+        time.sleep(0.2)

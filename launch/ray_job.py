@@ -10,14 +10,17 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.backend import Backend
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from trainer.config import RunConfig
 from trainer.worker import run_worker
@@ -38,6 +41,42 @@ class RaySink:
     def commit(self, step: int, staged: Path, metrics: dict[str, float]) -> None:
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(str(staged)))
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def _join_file_store(url: str, rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world_size)
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _FileStoreBackend(Backend):
+    """Sets up gloo through a FileStore: for clusters on one machine (see _LocalTorchConfig)."""
+
+    def on_start(self, worker_group: Any, backend_config: _LocalTorchConfig) -> None:
+        n = len(worker_group)
+        ray.get([worker_group.execute_single_async(i, _join_file_store, backend_config.store_url, i, n) for i in range(n)])
+
+    def on_shutdown(self, worker_group: Any, backend_config: _LocalTorchConfig) -> None:
+        worker_group.execute(_leave_group)
+
+
+@dataclass
+class _LocalTorchConfig(TorchConfig):
+    """A local cluster's process group meets through a FileStore, not Ray's default TCP store: torch's TCP
+    store reverse-resolves every peer address (DNS queries, even for 127.0.0.1); a file needs no network."""
+
+    store_url: str = ""
+
+    @property
+    def backend_cls(self) -> type[Backend]:
+        return _FileStoreBackend
 
 
 def _train_fn(loop_config: dict[str, Any]) -> None:
@@ -75,16 +114,27 @@ def run_ray(cfg: RunConfig, env: dict[str, str]) -> None:
     """Run ``cfg`` as a Ray Train job, on ``distributed.ray_address`` or a local cluster it starts."""
     d = cfg.distributed
     runtime_env = {"env_vars": env}
+    torch_config = TorchConfig()
     if d.ray_address:
         ray.init(address=d.ray_address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        store = Path(cfg.output.dir) / f".rendezvous-{uuid.uuid4().hex}"
+        torch_config = _LocalTorchConfig(backend="gloo", store_url=f"file://{store}")
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         cpus = max(os.cpu_count() or 1, int(d.num_workers * d.cpus_per_worker) + 1)
         with _local_cluster_home(Path(cfg.output.dir).parent / ".ray"):
-            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(
+                num_cpus=cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                log_to_driver=True,
+            )
     try:
         use_gpu = bool(d.use_gpu)
         trainer = TorchTrainer(
             _train_fn,
+            torch_config=torch_config,
             train_loop_config={"config": cfg.model_dump(mode="json")},
             scaling_config=ScalingConfig(
                 num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}

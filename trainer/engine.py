@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,25 +22,27 @@ from trainer.config import RunConfig
 log = logging.getLogger(__name__)
 
 
-def init_distributed(use_gpu: bool) -> None:
+def init_distributed(use_gpu: bool, init_method: str | None = None) -> None:
     """Join (or create) the process group: NCCL on GPUs, gloo on CPUs.
 
-    Under Ray Train the group already exists and is reused. A lone process (no launcher) becomes a
-    world of one on 127.0.0.1.
+    Under Ray Train the group already exists and is reused. ``init_method`` (e.g. a ``file://`` store)
+    overrides torchrun's ``env://``. A lone process becomes a world of one through a private file store,
+    so it opens no socket at all.
     """
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    if torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+        init_method = init_method or f"file://{tempfile.mkdtemp(prefix='riemann-tune-pg-')}/store"
+    deepspeed.init_distributed(
+        dist_backend="nccl" if use_gpu else "gloo",
+        init_method=init_method,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        auto_mpi_discovery=False,
+        verbose=False,
+    )
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ the MLflow run; every other rank gets a NullTracker.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -112,8 +113,51 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+class MetricsFile:
+    """Forwards to another tracker and appends every metrics row to a local jsonl file first.
+
+    The file is the run's own record: it exists whatever happens to the tracking server.
+    """
+
+    def __init__(self, path: Path, inner: Tracker) -> None:
+        self.path = path
+        self.inner = inner
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a")
+
+    @property
+    def run_id(self) -> str | None:  # type: ignore[override]
+        return self.inner.run_id
+
+    @property
+    def uri(self) -> str | None:  # type: ignore[override]
+        return self.inner.uri
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self.inner.log_params(params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.inner.set_tags(tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+        self.inner.log_metrics(metrics, step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._file.close()
+        self.inner.finish(status)
+
+
 def make_tracker(cfg: TrackingConfig, output_dir: str, rank: int, run_id: str | None = None) -> Tracker:
-    if rank != 0 or not cfg.enabled:
+    """Rank 0: MLflow (if enabled) behind a local metrics.jsonl; other ranks: nothing."""
+    if rank != 0:
         return NullTracker()
-    uri = default_uri(cfg, output_dir)
-    return MlflowTracker(uri, cfg.experiment, cfg.run_name or Path(output_dir).name, run_id)
+    inner: Tracker = NullTracker()
+    if cfg.enabled:
+        uri = default_uri(cfg, output_dir)
+        inner = MlflowTracker(uri, cfg.experiment, cfg.run_name or Path(output_dir).name, run_id)
+    return MetricsFile(Path(output_dir) / "metrics.jsonl", inner)

@@ -79,11 +79,13 @@ def run_tags(cfg: RunConfig, world_size: int, launcher: str) -> dict[str, str]:
     return tags
 
 
-def run_worker(cfg: RunConfig, sink: CheckpointSink | None = None, launcher: str = "local") -> dict[str, Any]:
+def run_worker(
+    cfg: RunConfig, sink: CheckpointSink | None = None, launcher: str = "local", init_method: str | None = None
+) -> dict[str, Any]:
     """Train ``cfg`` in this worker; rank 0 writes the outputs and returns the summary."""
     wall_start = time.perf_counter()
     use_gpu = cfg.distributed.use_gpu if cfg.distributed.use_gpu is not None else torch.cuda.is_available()
-    init_distributed(use_gpu)
+    init_distributed(use_gpu, init_method)
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_gpu else torch.device("cpu")

@@ -1,0 +1,100 @@
+"""Shared fixtures. Everything here runs offline: no hub, no telemetry, nothing beyond 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    DO_NOT_TRACK="true",
+    RAY_USAGE_STATS_ENABLED="0",
+    TOKENIZERS_PARALLELISM="false",
+)
+os.environ.setdefault("HF_HOME", str(ROOT / ".cache" / "huggingface"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from trainer import config as config_lib  # noqa: E402
+from trainer.config import RunConfig, TinyModelSpec  # noqa: E402
+
+DEMO_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide Llama with its own tokenizer, built once per session (no pre-training)."""
+    from trainer.tiny import ensure_tiny_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    spec = TinyModelSpec(
+        hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512,
+        tokenizer_corpus=[str(ROOT / "data" / "tiny" / "train.jsonl")],
+    )  # fmt: skip
+    ensure_tiny_model(str(path), spec)
+    return path
+
+
+@pytest.fixture()
+def make_config(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., RunConfig]:
+    """A RunConfig on the session's tiny model, local backend, one worker; overrides as dotted strings."""
+
+    def make(*overrides: str) -> RunConfig:
+        raw = {
+            "model": {"path": str(tiny_model_dir)},
+            "data": {
+                "train_path": str(ROOT / "data" / "tiny" / "train.jsonl"),
+                "eval_path": str(ROOT / "data" / "tiny" / "eval.jsonl"),
+                "max_seq_len": 96,
+            },
+            "train": {"max_steps": 4, "micro_batch_size": 4},
+            "tracking": {"enabled": False},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+        return config_lib.validate(config_lib.apply_overrides(raw, list(overrides)))
+
+    return make
+
+
+def run_cli(
+    *args: str, cwd: Path = ROOT, timeout: float = 600, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``python -m launch ARGS`` in a fresh process; output captured, failure shown in full."""
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-m", "launch", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"launch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def write_config(cfg: RunConfig, path: Path) -> Path:
+    path.write_text(config_lib.to_yaml(cfg))
+    return path
+
+
+def load_adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def outbound_connects(strace_log: Path) -> list[str]:
+    """connect() calls in an ``strace -f -e trace=connect`` log to anything but loopback (DNS included)."""
+    loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+    lines = [line for line in strace_log.read_text().splitlines() if "AF_INET" in line]
+    return [line for line in lines if not any(f'"{a}"' in line for a in loopback)]

@@ -1,0 +1,133 @@
+"""The Riemannian preconditioner against its closed form (float64), and its failure modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.adapters import adapter_layers, freeze_base, inject_adapters
+from trainer.config import AdapterConfig
+from trainer.optim import RiemannianPreconditioner
+
+pytestmark = pytest.mark.unit
+
+
+def _adapted(in_f: int = 12, out_f: int = 10, rank: int = 3, b_std: float = 1.0) -> nn.Module:
+    model = nn.Sequential(nn.Linear(in_f, out_f), nn.Tanh(), nn.Linear(out_f, 7))
+    inject_adapters(model, AdapterConfig(rank=rank, target_modules=["0", "2"]))
+    freeze_base(model)
+    for _, layer in adapter_layers(model):
+        nn.init.normal_(layer.adapter.lora_B, std=b_std)
+    return model
+
+
+def _grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    for p in model.parameters():
+        p.grad = None
+    model(x).pow(2).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _closed_form(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, delta: float):
+    a, b, ga, gb = (t.double() for t in (a, b, ga, gb))
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+    return torch.linalg.inv(b.T @ b + delta * eye) @ ga, gb @ torch.linalg.inv(a @ a.T + delta * eye)
+
+
+@pytest.mark.parametrize("delta", [0.0, 1e-2, 1.0])
+def test_one_layer_equals_closed_form(delta: float) -> None:
+    model = _adapted()
+    x = torch.randn(5, 12)
+    raw = _grads(model, x)
+    pre = RiemannianPreconditioner(delta)
+    assert pre.attach(model) == 2
+    scaled = _grads(model, x)
+    for name, layer in adapter_layers(model):
+        a, b = layer.adapter.lora_A.detach(), layer.adapter.lora_B.detach()
+        key = f"{name}.adapter.lora_"
+        want_a, want_b = _closed_form(a, b, raw[key + "A"], raw[key + "B"], delta)
+        torch.testing.assert_close(scaled[key + "A"].double(), want_a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(scaled[key + "B"].double(), want_b, rtol=1e-4, atol=1e-6)
+    assert pre.fallbacks == 0
+
+
+def test_float64_solve_is_exact() -> None:
+    model = _adapted().double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    raw = _grads(model, x)
+    RiemannianPreconditioner(0.1, solve_dtype=torch.float64).attach(model)
+    scaled = _grads(model, x)
+    layer = model[0].adapter
+    want_a, want_b = _closed_form(layer.lora_A.detach(), layer.lora_B.detach(), raw["0.adapter.lora_A"],
+                                  raw["0.adapter.lora_B"], 0.1)  # fmt: skip
+    torch.testing.assert_close(scaled["0.adapter.lora_A"], want_a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(scaled["0.adapter.lora_B"], want_b, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_gradients_are_solved_in_float32() -> None:
+    """bf16 factors and gradients: the solve runs in float32 and only the result is rounded to bf16."""
+    model = _adapted().to(torch.bfloat16)
+    x = torch.randn(5, 12, dtype=torch.bfloat16)
+    raw = _grads(model, x)
+    RiemannianPreconditioner(0.1).attach(model)
+    scaled = _grads(model, x)
+    layer = model[0].adapter
+    want_a, want_b = _closed_form(layer.lora_A.detach(), layer.lora_B.detach(), raw["0.adapter.lora_A"],
+                                  raw["0.adapter.lora_B"], 0.1)  # fmt: skip
+    for got, want in ((scaled["0.adapter.lora_A"], want_a), (scaled["0.adapter.lora_B"], want_b)):
+        assert got.dtype == torch.bfloat16
+        # One bf16 rounding of the exact answer: relative error <= 2^-8.
+        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-6)
+
+
+def test_singular_system_falls_back_to_identity_and_is_counted() -> None:
+    """delta = 0 with B = 0 (the usual init) makes B^T B singular: identity for A, never NaN."""
+    model = _adapted(b_std=0.0)
+    for _, layer in adapter_layers(model):
+        nn.init.zeros_(layer.adapter.lora_B)
+    x = torch.randn(5, 12)
+    raw = _grads(model, x)
+    pre = RiemannianPreconditioner(0.0)
+    pre.attach(model)
+    scaled = _grads(model, x)
+    assert pre.fallbacks == 2  # one B^T B system per layer
+    for key, grad in scaled.items():
+        assert torch.isfinite(grad).all()
+        if key.endswith("lora_A"):
+            torch.testing.assert_close(grad, raw[key])  # identity (and zero anyway: B = 0)
+
+
+def test_non_finite_factors_fall_back() -> None:
+    model = _adapted()
+    with torch.no_grad():
+        model[0].adapter.lora_A[0, 0] = float("inf")
+    pre = RiemannianPreconditioner(1e-2)
+    pre.attach(model)
+    model(torch.randn(2, 12)).sum().backward()
+    assert pre.fallbacks >= 1
+    assert torch.isfinite(model[2].adapter.lora_A.grad).all()
+
+
+def test_gradient_accumulation_is_linear() -> None:
+    """P(g1) + P(g2) == P(g1 + g2): preconditioning per micro-batch equals preconditioning the sum."""
+    model = _adapted()
+    RiemannianPreconditioner(1e-2).attach(model)
+    x1, x2 = torch.randn(3, 12), torch.randn(4, 12)
+    for p in model.parameters():
+        p.grad = None
+    model(x1).pow(2).sum().backward()
+    model(x2).pow(2).sum().backward()
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    together = _grads(model, torch.cat([x1, x2]))
+    for key in accumulated:
+        torch.testing.assert_close(accumulated[key], together[key], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_forward_forms_no_system() -> None:
+    model = _adapted()
+    pre = RiemannianPreconditioner(1e-2)
+    pre.attach(model)
+    with torch.no_grad():
+        model(torch.randn(2, 12))
+    assert pre.pending == []
