@@ -34,7 +34,9 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m launch train configs/tiny-cpu.yaml
 
-test: install
+# The whole suite: lint, types, then every test tier (unit, integration, slow; gpu skips without one).
+test: install lint typecheck
+	./scripts/system-deps.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
     train = verbs.add_parser("train", help="fine-tune as the config says")
     train.add_argument("config", type=Path, help="YAML run config (see configs/)")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. adapter.rank=16 train.max_steps=10")
+    train.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. adapter.rank=16 train.max_steps=10"
+    )
     return parser
 
 

@@ -38,7 +38,9 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     raw = cfg.model_dump(mode="json")
     raw["model"]["path"] = _absolute(raw["model"]["path"])
     if raw["model"].get("build"):
-        raw["model"]["build"]["tokenizer_corpus"] = [_absolute(p) for p in raw["model"]["build"]["tokenizer_corpus"]]
+        raw["model"]["build"]["tokenizer_corpus"] = [
+            _absolute(p) for p in raw["model"]["build"]["tokenizer_corpus"]
+        ]
     for key in ("train_path", "eval_path"):
         if raw["data"].get(key):
             raw["data"][key] = _absolute(raw["data"][key])

@@ -30,7 +30,9 @@ def run_local(cfg: RunConfig) -> dict[str, Any] | None:
     spawned = "RANK" in os.environ
     if cfg.distributed.num_workers == 1 or spawned:
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "local"
-        return run_worker(cfg, DirectorySink(cfg), launcher=launcher, init_method=os.environ.get(INIT_METHOD_ENV))
+        return run_worker(
+            cfg, DirectorySink(cfg), launcher=launcher, init_method=os.environ.get(INIT_METHOD_ENV)
+        )
     spawn_workers(cfg)
     return None
 

@@ -19,7 +19,7 @@ from typing import Any
 import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
-from ray.train.backend import Backend
+from ray.train.backend import Backend, BackendConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from trainer.config import RunConfig
@@ -59,11 +59,12 @@ def _leave_group() -> None:
 class _FileStoreBackend(Backend):
     """Sets up gloo through a FileStore: for clusters on one machine (see _LocalTorchConfig)."""
 
-    def on_start(self, worker_group: Any, backend_config: _LocalTorchConfig) -> None:
-        n = len(worker_group)
-        ray.get([worker_group.execute_single_async(i, _join_file_store, backend_config.store_url, i, n) for i in range(n)])
+    def on_start(self, worker_group: Any, backend_config: BackendConfig) -> None:
+        assert isinstance(backend_config, _LocalTorchConfig)
+        n, url = len(worker_group), backend_config.store_url
+        ray.get([worker_group.execute_single_async(i, _join_file_store, url, i, n) for i in range(n)])
 
-    def on_shutdown(self, worker_group: Any, backend_config: _LocalTorchConfig) -> None:
+    def on_shutdown(self, worker_group: Any, backend_config: BackendConfig) -> None:
         worker_group.execute(_leave_group)
 
 

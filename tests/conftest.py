@@ -70,10 +70,16 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``python -m launch ARGS`` in a fresh process; output captured, failure shown in full."""
     proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "launch", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [*prefix, sys.executable, "-m", "launch", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
-        raise AssertionError(f"launch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"launch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

@@ -69,12 +69,14 @@ def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
 
 def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
     path = _write(tmp_path, BASE)
-    cfg = config_lib.load(path, ["adapter.rank=16", "optim.lr=3e-4", "train.dtype=bf16", "data.eval_path=null"])
+    cfg = config_lib.load(
+        path, ["adapter.rank=16", "optim.lr=3e-4", "train.dtype=bf16", "data.eval_path=null"]
+    )
     assert (cfg.adapter.rank, cfg.optim.lr, cfg.train.dtype, cfg.data.eval_path) == (16, 3e-4, "bf16", None)
     with pytest.raises(ConfigError, match=r"adapter\.rank: must be > 0") as err:
         config_lib.load(path, ["adapter.rank=-2"])
     assert "with overrides adapter.rank=-2" in str(err.value)
-    with pytest.raises(ConfigError, match="expected key.path=value"):
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
         config_lib.load(path, ["adapter.rank"])
 
 

@@ -25,7 +25,11 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo config for 12 steps on 2 Ray workers, every process traced for connect() if strace exists."""
     tmp = tmp_path_factory.mktemp("demo")
     out = tmp / "run"
-    prefix = (STRACE, "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o", str(tmp / "connects.log")) if STRACE else ()
+    prefix = (
+        (STRACE, "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o", str(tmp / "connects.log"))
+        if STRACE
+        else ()
+    )
     run_cli(
         "train", str(DEMO_CONFIG),
         "train.max_steps=12", "train.eval_every_n_steps=6", "checkpoint.every_n_steps=6",
@@ -51,7 +55,10 @@ def test_summary_and_loss(demo_run: Path) -> None:
     assert summary["tokens_per_s"] > 0 and summary["wall_s"] > 0
     assert summary["preconditioner_fallbacks"] == 0
     assert (demo_run / "config.yaml").is_file()
-    assert {p.name for p in (demo_run / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (demo_run / "adapter").iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
 
 
 def test_mlflow_run_agrees_with_summary(demo_run: Path) -> None:
@@ -74,7 +81,9 @@ def test_mlflow_run_agrees_with_summary(demo_run: Path) -> None:
         assert name in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "adapter"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} >= {"adapter/adapter_model.safetensors"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "adapter")} >= {
+        "adapter/adapter_model.safetensors"
+    }
 
 
 def test_checkpoints_reported_through_ray(demo_run: Path) -> None:
@@ -100,7 +109,9 @@ def test_peft_loads_the_adapter_with_the_same_logits(demo_run: Path) -> None:
     theirs = PeftModel.from_pretrained(base, str(demo_run / "adapter")).eval()
     ids = torch.randint(3, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_golden_losses(tmp_path: Path) -> None:

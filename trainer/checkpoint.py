@@ -64,7 +64,9 @@ def read_adapter(adapter_dir: Path) -> tuple[AdapterConfig, list[str], str, dict
     """(adapter config, adapted module names, base model path, tensors) of a saved adapter."""
     meta_path = adapter_dir / OUR_CONFIG
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{adapter_dir}: not an adapter directory written by this project ({OUR_CONFIG})")
+        raise FileNotFoundError(
+            f"{adapter_dir}: not an adapter directory written by this project ({OUR_CONFIG})"
+        )
     meta: dict[str, Any] = json.loads(meta_path.read_text())
     cfg = AdapterConfig.model_validate(meta["adapter"])
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
@@ -82,7 +84,9 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
                 raise KeyError(f"adapter file lacks {full}")
             saved = unused.pop(full)
             if saved.shape != param.shape:
-                raise ValueError(f"{full}: saved shape {tuple(saved.shape)} != model shape {tuple(param.shape)}")
+                raise ValueError(
+                    f"{full}: saved shape {tuple(saved.shape)} != model shape {tuple(param.shape)}"
+                )
             param.copy_(saved)
     if unused:
         raise KeyError(f"adapter file holds tensors for modules the model lacks: {sorted(unused)[:5]}")

@@ -11,6 +11,7 @@ gradient however the batch is cut.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from trainer.config import DataConfig
+from trainer.config import DataConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ def encode_row(
         response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
         train_prompt = cfg.train_on_prompt
     input_ids = (prompt_ids + response_ids + [tokenizer.eos_token_id])[: cfg.max_seq_len]
-    labels = list(input_ids) if train_prompt else [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids) :]
+    labels = (
+        list(input_ids) if train_prompt else [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids) :]
+    )
     labels = labels[: len(input_ids)]
     # Tokens that carry loss after the one-position shift of next-token prediction.
     n_loss = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
@@ -161,7 +164,12 @@ class GlobalBatches:
 
 
 def eval_batches(
-    data: datasets.Dataset, micro_batch_size: int, world_size: int, rank: int, pad_id: int, max_batches: int | None
+    data: datasets.Dataset,
+    micro_batch_size: int,
+    world_size: int,
+    rank: int,
+    pad_id: int,
+    max_batches: int | None,
 ) -> list[dict[str, torch.Tensor]]:
     """This rank's share of the eval set (rows rank, rank + W, ...), in micro-batches.
 
@@ -169,7 +177,7 @@ def eval_batches(
     forward): a rank that runs out of rows gets a filler batch whose labels carry no loss.
     """
     rows = list(range(rank, len(data), world_size))
-    n_batches = -(-(-(-len(data) // world_size)) // micro_batch_size)
+    n_batches = math.ceil(math.ceil(len(data) / world_size) / micro_batch_size)  # the same on every rank
     if max_batches:
         n_batches = min(n_batches, max_batches)
     batches = []
@@ -182,3 +190,25 @@ def eval_batches(
             filler["labels"].fill_(IGNORE_INDEX)
             batches.append(filler)
     return batches
+
+
+def build_data(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, *, rank: int, world_size: int
+) -> tuple[GlobalBatches, list[dict[str, torch.Tensor]]]:
+    """This rank's training batches and its share of the eval set, as the config says."""
+    t = cfg.train
+    pad_id = tokenizer.pad_token_id
+    plan = GlobalBatches(
+        tokenize(cfg.data.train_path, tokenizer, cfg.data),
+        micro_batch_size=t.micro_batch_size,
+        grad_accum_steps=t.grad_accum_steps,
+        world_size=world_size,
+        rank=rank,
+        seed=t.seed,
+        pad_id=pad_id,
+    )
+    evals = []
+    if cfg.data.eval_path:
+        rows = tokenize(cfg.data.eval_path, tokenizer, cfg.data)
+        evals = eval_batches(rows, t.micro_batch_size, world_size, rank, pad_id, t.eval_max_batches)
+    return plan, evals

@@ -24,7 +24,10 @@ from trainer.tracking import Tracker
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies over the tokens that carry loss (in float32)."""
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -128,7 +131,11 @@ def train(
             metrics["eval_loss"] = state.eval_losses[-1][1]
         if state.step % log_every == 0 or "eval_loss" in metrics:
             tracker.log_metrics(metrics | extra_metrics(), step=state.step)
-        if checkpoint and checkpoint_every and (state.step % checkpoint_every == 0 or state.step == max_steps):
+        if (
+            checkpoint
+            and checkpoint_every
+            and (state.step % checkpoint_every == 0 or state.step == max_steps)
+        ):
             checkpoint(state.step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update()

@@ -11,7 +11,13 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from trainer.adapters import freeze_base, inject_adapters
 from trainer.config import ModelConfig, RunConfig
@@ -28,7 +34,7 @@ def quantization_supported(device: torch.device) -> tuple[bool, str]:
     return False, f"bitsandbytes has no 4-bit kernels for device type {device.type!r}"
 
 
-def load_base_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_base_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """Load the causal LM at ``cfg.path``, in 4-bit NF4 when asked and supported; never downloads."""
     if not (Path(cfg.path) / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {cfg.path} holds no transformers model (no config.json)")
@@ -70,7 +76,7 @@ def guard_4bit_gradients(model: nn.Module) -> int:
     return len(layers)
 
 
-def prepare_model(cfg: RunConfig, device: torch.device) -> nn.Module:
+def prepare_model(cfg: RunConfig, device: torch.device) -> PreTrainedModel:
     """Base model -> trainable adapter model, in the one order that works:
 
     1. load (quantising at load: weights never exist in full precision on the device);

@@ -74,7 +74,9 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) ->
     return LlamaForCausalLM(config)
 
 
-def pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str], steps: int) -> None:
+def pretrain(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str], steps: int
+) -> None:
     """A few full-parameter steps of next-token prediction on ``texts`` (batch 16, length 128)."""
     ids = [tokenizer(t + tokenizer.eos_token)["input_ids"] for t in texts]
     stream = torch.tensor([i for seq in ids for i in seq])

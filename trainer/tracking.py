@@ -9,18 +9,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Protocol
 
-from trainer.config import TrackingConfig
+import torch
+
+from trainer import config as config_lib
+from trainer.config import RunConfig, TrackingConfig
 
 log = logging.getLogger(__name__)
 
 
 class Tracker(Protocol):
-    run_id: str | None
-    uri: str | None
+    @property
+    def run_id(self) -> str | None: ...
+    @property
+    def uri(self) -> str | None: ...
 
     def log_params(self, params: dict[str, str]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
@@ -73,7 +79,7 @@ class MlflowTracker:
             run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
-        self.run_id: str | None = run_id
+        self.run_id: str = run_id
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -101,7 +107,9 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if path.is_dir():
@@ -126,11 +134,11 @@ class MetricsFile:
         self._file = path.open("a")
 
     @property
-    def run_id(self) -> str | None:  # type: ignore[override]
+    def run_id(self) -> str | None:
         return self.inner.run_id
 
     @property
-    def uri(self) -> str | None:  # type: ignore[override]
+    def uri(self) -> str | None:
         return self.inner.uri
 
     def log_params(self, params: dict[str, str]) -> None:
@@ -161,3 +169,39 @@ def make_tracker(cfg: TrackingConfig, output_dir: str, rank: int, run_id: str | 
         uri = default_uri(cfg, output_dir)
         inner = MlflowTracker(uri, cfg.experiment, cfg.run_name or Path(output_dir).name, run_id)
     return MetricsFile(Path(output_dir) / "metrics.jsonl", inner)
+
+
+def run_tags(cfg: RunConfig, world_size: int, launcher: str) -> dict[str, str]:
+    """What a user filters runs by: where and how the run ran, and with which versions."""
+    import deepspeed
+    import transformers
+
+    tags = {
+        "launcher": launcher,
+        "world_size": str(world_size),
+        "hostname": platform.node(),
+        "adapter.method": cfg.adapter.method,
+        "versions.torch": torch.__version__,
+        "versions.deepspeed": deepspeed.__version__,
+        "versions.transformers": transformers.__version__,
+    }
+    for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("RIEMANN_TUNE_GIT_COMMIT", "git_commit")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def start_tracking(cfg: RunConfig, *, rank: int, world_size: int, launcher: str) -> Tracker:
+    """The run's tracker (rank 0; a null one elsewhere) with the resolved config and tags logged."""
+    tracker = make_tracker(cfg.tracking, cfg.output.dir, rank)
+    tracker.log_params(config_lib.flatten(cfg))
+    tracker.set_tags(run_tags(cfg, world_size, launcher))
+    return tracker
+
+
+def log_outputs(tracker: Tracker, out: Path) -> None:
+    """Upload the run's outputs and close the run."""
+    for name in ("config.yaml", "summary.json"):
+        tracker.log_artifact(out / name)
+    tracker.log_artifact(out / "adapter", "adapter")
+    tracker.finish()

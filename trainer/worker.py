@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +21,12 @@ from trainer import config as config_lib
 from trainer.artifacts import atomic_write_text
 from trainer.checkpoint import adapter_state_dict, save_adapter
 from trainer.config import RunConfig
-from trainer.data import GlobalBatches, eval_batches, tokenize
+from trainer.data import build_data
 from trainer.engine import build_engine, gathered, init_distributed
 from trainer.loop import LoopState, train
 from trainer.model import count_parameters, load_tokenizer, prepare_model
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.tracking import Tracker, make_tracker
+from trainer.tracking import Tracker, log_outputs, start_tracking
 
 log = logging.getLogger("trainer")
 
@@ -60,27 +59,11 @@ def rank_zero_first() -> Iterator[None]:
         dist.barrier()
 
 
-def run_tags(cfg: RunConfig, world_size: int, launcher: str) -> dict[str, str]:
-    import deepspeed
-    import transformers
-
-    tags = {
-        "launcher": launcher,
-        "world_size": str(world_size),
-        "hostname": platform.node(),
-        "adapter.method": cfg.adapter.method,
-        "versions.torch": torch.__version__,
-        "versions.deepspeed": deepspeed.__version__,
-        "versions.transformers": transformers.__version__,
-    }
-    for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("RIEMANN_TUNE_GIT_COMMIT", "git_commit")):
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
-    return tags
-
-
 def run_worker(
-    cfg: RunConfig, sink: CheckpointSink | None = None, launcher: str = "local", init_method: str | None = None
+    cfg: RunConfig,
+    sink: CheckpointSink | None = None,
+    launcher: str = "local",
+    init_method: str | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` in this worker; rank 0 writes the outputs and returns the summary."""
     wall_start = time.perf_counter()
@@ -99,24 +82,10 @@ def run_worker(
     trainable, total = count_parameters(model)
     log.info("world size %d on %s; trainable %d of %d parameters", world, device, trainable, total)
 
-    with rank_zero_first():
-        train_rows = tokenize(cfg.data.train_path, tokenizer, cfg.data)
-        eval_rows = tokenize(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
+    with rank_zero_first():  # rank 0 fills the tokenisation cache, the others read it
+        plan, evals = build_data(cfg, tokenizer, rank=rank, world_size=world)
+    tracker = start_tracking(cfg, rank=rank, world_size=world, launcher=launcher)
     t = cfg.train
-    plan = GlobalBatches(
-        train_rows,
-        micro_batch_size=t.micro_batch_size,
-        grad_accum_steps=t.grad_accum_steps,
-        world_size=world,
-        rank=rank,
-        seed=t.seed,
-        pad_id=tokenizer.pad_token_id,
-    )
-    evals = eval_batches(eval_rows, t.micro_batch_size, world, rank, tokenizer.pad_token_id, t.eval_max_batches) if eval_rows else []
-
-    tracker = make_tracker(cfg.tracking, cfg.output.dir, rank)
-    tracker.log_params(config_lib.flatten(cfg))
-    tracker.set_tags(run_tags(cfg, world, launcher))
 
     def extra_metrics() -> dict[str, float]:
         return {"preconditioner_fallbacks": float(preconditioner.fallbacks)} if preconditioner else {}
@@ -177,8 +146,5 @@ def _write_outputs(cfg: RunConfig, model: torch.nn.Module, tracker: Tracker, sum
     save_adapter(state, model, cfg.adapter, cfg.model.path, out / "adapter")
     atomic_write_text(out / "config.yaml", config_lib.to_yaml(cfg))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    for name in ("config.yaml", "summary.json"):
-        tracker.log_artifact(out / name)
-    tracker.log_artifact(out / "adapter", "adapter")
-    tracker.finish()
+    log_outputs(tracker, out)
     log.info("wrote %s (adapter/, config.yaml, summary.json)", out)

@@ -41,24 +41,32 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The module's ``weight`` parameter (typed)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
 def describe(module: nn.Module) -> BaseLayerInfo:
     """Shape facts of a supported base layer."""
     if isinstance(module, Conv1D):
-        in_f, out_f = module.weight.shape
+        in_f, out_f = weight_of(module).shape
         return BaseLayerInfo(in_f, out_f)
     if isinstance(module, nn.Linear):
         return BaseLayerInfo(module.in_features, module.out_features, quantized=is_quantized(module))
-    if isinstance(module, CONV_TYPES):
-        k = tuple(module.kernel_size)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        k = tuple(int(n) for n in module.kernel_size)
         return BaseLayerInfo(module.in_channels, module.out_channels, k, module.groups)
     raise TypeError(f"unsupported base layer {type(module).__name__}")
 
 
 def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The base weight in (out, in, *kernel) layout, dequantised if 4-bit; detached."""
-    w = module.weight
+    w = weight_of(module)
     if is_quantized(module):
-        weight = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        weight = bnb.functional.dequantize_4bit(w.data, w.quant_state)  # type: ignore[attr-defined]
     elif isinstance(module, Conv1D):
         weight = w.detach().T
     else:
@@ -69,14 +77,16 @@ def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Te
 def set_base_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Overwrite a (non-quantised) base weight given in (out, in, *kernel) layout."""
     if is_quantized(module):
-        raise ValueError("cannot write into a 4-bit weight: dequantise the base model first (merge does this)")
-    target = module.weight
+        raise ValueError(
+            "cannot write into a 4-bit weight: dequantise the base model first (merge does this)"
+        )
+    target = weight_of(module)
     new = weight.T if isinstance(module, Conv1D) else weight
     with torch.no_grad():
         target.copy_(new.to(target.dtype))
 
 
-def dequantize_module(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+def dequantize_module(module: nn.Linear, dtype: torch.dtype) -> nn.Linear:
     """A plain nn.Linear holding the dequantised weight of a 4-bit layer."""
     linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from trainer.adapters.base_layers import CONV_TYPES, LINEAR_TYPES, describe
+from trainer.adapters.base_layers import CONV_TYPES, LINEAR_TYPES, describe, weight_of
 from trainer.adapters.layer import AdapterLayer
 from trainer.adapters.registry import REGISTRY
 from trainer.config import AdapterConfig, ConfigError
@@ -23,7 +23,8 @@ def _matches(name: str, pattern: str) -> bool:
 def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     """Names of the modules to adapt. ``all-linear``: every linear layer except the output head."""
     if targets == "all-linear":
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
         return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and m is not head]
     supported = LINEAR_TYPES + CONV_TYPES
     names = [n for n, m in model.named_modules() if isinstance(m, supported)]
@@ -43,7 +44,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, dtype: torch.dtype = t
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         adapter = adapter_cls.from_base(base, describe(base), cfg)
-        adapter.to(device=base.weight.device, dtype=dtype)
+        adapter.to(device=weight_of(base).device, dtype=dtype)
         setattr(parent, child, AdapterLayer(base, adapter))
     return names
 

@@ -43,7 +43,7 @@ class _PairSlot:
         self.chol_b: torch.Tensor | None = None
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _PreconditionGrad.apply(a, b, self)  # type: ignore[no-any-return]
+        return _PreconditionGrad.apply(a, b, self)
 
     def set_grams(self, a: torch.Tensor, b: torch.Tensor) -> None:
         dtype = self.owner.solve_dtype
@@ -65,7 +65,7 @@ class _PairSlot:
 
 
 class _PreconditionGrad(torch.autograd.Function):
-    """Identity on (A, B) in forward (recording their Gram matrices); preconditions their grads in backward."""
+    """Identity on (A, B) in forward, recording their Gram matrices; preconditions their grads in backward."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, slot: _PairSlot) -> tuple[torch.Tensor, ...]:
@@ -119,7 +119,7 @@ class RiemannianPreconditioner:
             groups[(slot.gram_a.shape[-1], slot.gram_a.device)].append(slot)
         self.pending = []
         for slots in groups.values():
-            grams = torch.stack([s.gram_a for s in slots] + [s.gram_b for s in slots])  # type: ignore[misc]
+            grams = torch.stack([s.gram_a for s in slots] + [s.gram_b for s in slots])  # type: ignore[arg-type]
             chol = self._cholesky(grams)
             n = len(slots)
             for i, slot in enumerate(slots):

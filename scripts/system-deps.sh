@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# System packages some tests use, from Debian's registry, installed only where missing and possible
+# (root with apt). Tests that need one skip with a clear reason where it could not be installed.
+set -u
+want=()
+command -v strace >/dev/null 2>&1 || want+=(strace)
+[ ${#want[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  echo "system-deps: cannot install ${want[*]} (needs root and apt); the tests that use them will skip" >&2
+  exit 0
+fi
+echo "system-deps: installing ${want[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y -q --no-install-recommends "${want[@]}" >/dev/null 2>&1 \
+  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "${want[@]}" >/dev/null 2>&1; } \
+  || echo "system-deps: installing ${want[*]} failed; the tests that use them will skip" >&2
+exit 0
