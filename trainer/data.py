@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ class StepBatch:
     global_loss_tokens: int  # loss tokens of the whole global batch (all ranks, all micro-batches)
     global_tokens: int  # non-pad input tokens of the whole global batch
     epoch: int
+    metrics: dict[str, float] = field(default_factory=dict)  # logged with the step (e.g. packing efficiency)
 
 
 class GlobalBatches:

@@ -37,6 +37,11 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def forward_logits(engine: Any, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a micro-batch: every key but ``labels`` is a model input (ids, mask, positions, ...)."""
+    return engine(**{k: v for k, v in micro.items() if k != "labels"}).logits
+
+
 def train_step(engine: Any, batch: StepBatch, world_size: int) -> float:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
@@ -48,8 +53,7 @@ def train_step(engine: Any, batch: StepBatch, world_size: int) -> float:
     total = 0.0
     for micro in batch.micro_batches:
         micro = {k: v.to(engine.device) for k, v in micro.items()}
-        logits = engine(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
-        loss_sum = token_loss_sum(logits, micro["labels"])
+        loss_sum = token_loss_sum(forward_logits(engine, micro), micro["labels"])
         engine.backward(loss_sum * scale)
         engine.step()
         total += loss_sum.item()
@@ -63,8 +67,7 @@ def evaluate(engine: Any, batches: list[dict[str, torch.Tensor]]) -> float:
     loss, tokens = 0.0, 0
     for micro in batches:
         micro = {k: v.to(engine.device) for k, v in micro.items()}
-        logits = engine(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
-        loss += token_loss_sum(logits, micro["labels"]).item()
+        loss += token_loss_sum(forward_logits(engine, micro), micro["labels"]).item()
         tokens += int((micro["labels"][:, 1:] != IGNORE_INDEX).sum())
     engine.train()
     total_loss, total_tokens = _all_reduce([loss, tokens], engine.device)
@@ -125,6 +128,7 @@ def train(
             "tokens_per_s": batch.global_tokens / seconds,
             "step_time_s": seconds,
             "epoch": batch.epoch,
+            **batch.metrics,
         }
         if eval_data and (state.step == max_steps or (eval_every and state.step % eval_every == 0)):
             state.eval_losses.append((state.step, evaluate(engine, eval_data)))
