@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from launch.env import apply_defaults, resolve_paths
@@ -42,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
         from launch.ray_job import run_ray
 
-        run_ray(cfg, env)
+        run_ray(cfg, env, job_id=uuid.uuid4().hex)
     else:
         from launch.local import run_local
 

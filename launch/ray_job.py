@@ -23,23 +23,30 @@ from ray.train.backend import Backend, BackendConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from trainer.config import RunConfig
+from trainer.resume import TrainerState, write_manifest
 from trainer.worker import run_worker
 
 log = logging.getLogger(__name__)
 
 
 class RaySink:
-    """Each rank stages its shards in a node-local temp dir; ray.train.report gathers them into one
-    checkpoint under Ray's storage path (``<output.dir>/checkpoints``)."""
+    """Each rank stages its shards in a node-local temp dir and writes a manifest of them; ray.train.report
+    gathers every rank's directory into one checkpoint under Ray's storage path (<output.dir>/checkpoints)."""
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="riemann-tune-ckpt-"))
+    def __init__(self, hashes: bool) -> None:
+        self.local = Path(tempfile.mkdtemp(prefix="riemann-tune-ckpt-"))
+        self.hashes = hashes
 
     def staging_dir(self, step: int) -> Path:
-        return self.root / f"step_{step:08d}"
+        return self.local / f"step_{step:08d}"
 
-    def commit(self, step: int, staged: Path, metrics: dict[str, float]) -> None:
-        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(str(staged)))
+    def seal(self, staged: Path, state: TrainerState, metrics: dict[str, float]) -> None:
+        ctx = ray.train.get_context()
+        if ctx.get_world_rank() == 0:
+            state.manifests = [f"manifest-rank{r}.json" for r in range(ctx.get_world_size())]
+            state.write(staged)
+        write_manifest(staged, f"manifest-rank{ctx.get_world_rank()}.json", self.hashes)
+        ray.train.report({**metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(str(staged)))
         shutil.rmtree(staged, ignore_errors=True)
 
 
@@ -89,7 +96,15 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         WORLD_SIZE=str(ctx.get_world_size()),
         LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
     )
-    run_worker(RunConfig.model_validate(loop_config["config"]), RaySink(), launcher="ray")
+    cfg = RunConfig.model_validate(loop_config["config"])
+    sink = RaySink(cfg.checkpoint.verify_hashes)
+    job = loop_config["job_id"]
+    restart_from = ray.train.get_checkpoint()  # set when Ray restarts the workers after a failure
+    if restart_from is None:
+        run_worker(cfg, sink, launcher="ray", job_id=job)
+        return
+    with restart_from.as_directory() as directory:
+        run_worker(cfg, sink, launcher="ray", job_id=job, resume_from=Path(directory))
 
 
 @contextlib.contextmanager
@@ -111,7 +126,7 @@ def _local_cluster_home(root: Path) -> Iterator[None]:
             os.environ["HOME"] = old
 
 
-def run_ray(cfg: RunConfig, env: dict[str, str]) -> None:
+def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
     """Run ``cfg`` as a Ray Train job, on ``distributed.ray_address`` or a local cluster it starts."""
     d = cfg.distributed
     runtime_env = {"env_vars": env}
@@ -136,14 +151,16 @@ def run_ray(cfg: RunConfig, env: dict[str, str]) -> None:
         trainer = TorchTrainer(
             _train_fn,
             torch_config=torch_config,
-            train_loop_config={"config": cfg.model_dump(mode="json")},
+            train_loop_config={"config": cfg.model_dump(mode="json"), "job_id": job_id},
             scaling_config=ScalingConfig(
                 num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
             ),
             run_config=ray.train.RunConfig(
-                name=Path(cfg.output.dir).name,
-                storage_path=str(Path(cfg.output.dir) / "checkpoints"),
-                failure_config=FailureConfig(max_failures=0),
+                # One Ray run per launch: Ray would otherwise restore a same-named run by itself;
+                # resuming is the config's decision (resume=auto finds checkpoints of any launch).
+                name=f"{Path(cfg.output.dir).name}-{job_id[:8]}",
+                storage_path=str(cfg.checkpoint_root),
+                failure_config=FailureConfig(max_failures=d.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             ),
         )

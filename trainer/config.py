@@ -146,6 +146,8 @@ class DistributedConfig(Section):
     """CPUs Ray reserves for each worker."""
     ray_address: str | None = None
     """Existing Ray cluster to join (auto or HOST:PORT); null: start a local one."""
+    max_failures: int = Field(0, ge=0)
+    """Ray: restart the workers from the last checkpoint up to this many times after a failure."""
 
 
 class TrainConfig(Section):
@@ -165,6 +167,11 @@ class TrainConfig(Section):
     """Cap on eval micro-batches per worker; null: the whole eval set."""
     log_every_n_steps: int = Field(1, gt=0)
     """Log metrics every N steps."""
+    max_bad_steps: int = Field(3, gt=0)
+    """Stop with an error after this many optimizer steps in a row with a non-finite loss or gradient
+    (each is skipped: no update); the last good checkpoint is kept."""
+    inject_nonfinite_steps: list[int] = []
+    """Fault injection for tests and drills: make the loss infinite at these steps (1-based)."""
 
 
 class CheckpointConfig(Section):
@@ -172,6 +179,8 @@ class CheckpointConfig(Section):
     """Save a checkpoint every N steps (0: never)."""
     keep_last: int = Field(2, gt=0)
     """How many checkpoints to keep."""
+    verify_hashes: bool = True
+    """Record a sha256 of every checkpoint file and check it on resume (sizes are always checked)."""
 
 
 class TrackingConfig(Section):
@@ -200,6 +209,14 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig
+    resume: str | None = None
+    """auto: continue from the newest usable checkpoint under <output.dir>/checkpoints (or start fresh);
+    a path: continue from that checkpoint directory; null: start fresh."""
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where checkpoints go and where resume=auto looks."""
+        return Path(self.output.dir) / "checkpoints"
 
     @property
     def global_batch_size(self) -> int:

@@ -74,11 +74,13 @@ class MlflowTracker:
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        self._logged_params: dict[str, str] = {}
         if run_id is None:
             experiment_id = self._experiment_id(experiment)
             run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
-        else:
+        else:  # a resumed or restarted job continues its run
             self.client.update_run(run_id, status="RUNNING")
+            self._logged_params = dict(self.client.get_run(run_id).data.params)
         self.run_id: str = run_id
 
     def _experiment_id(self, name: str) -> str:
@@ -92,9 +94,16 @@ class MlflowTracker:
         return str(self.client.create_experiment(name, artifact_location=location))
 
     def log_params(self, params: dict[str, str]) -> None:
+        """Log params; on a continued run, values that changed (MLflow params are immutable) become
+        ``param_changed.<key>`` tags."""
         from mlflow.entities import Param
 
-        items = [Param(k, v[:6000]) for k, v in params.items()]
+        changed = {
+            k: v for k, v in params.items() if k in self._logged_params and self._logged_params[k] != v[:6000]
+        }
+        if changed:
+            self.set_tags({f"param_changed.{k}": v for k, v in changed.items()})
+        items = [Param(k, v[:6000]) for k, v in params.items() if k not in self._logged_params]
         for i in range(0, len(items), 100):  # MLflow's batch limit for params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -191,9 +200,12 @@ def run_tags(cfg: RunConfig, world_size: int, launcher: str) -> dict[str, str]:
     return tags
 
 
-def start_tracking(cfg: RunConfig, *, rank: int, world_size: int, launcher: str) -> Tracker:
-    """The run's tracker (rank 0; a null one elsewhere) with the resolved config and tags logged."""
-    tracker = make_tracker(cfg.tracking, cfg.output.dir, rank)
+def start_tracking(
+    cfg: RunConfig, *, rank: int, world_size: int, launcher: str, run_id: str | None = None
+) -> Tracker:
+    """The run's tracker (rank 0; a null one elsewhere) with the resolved config and tags logged;
+    ``run_id`` continues an existing run (resume, restart)."""
+    tracker = make_tracker(cfg.tracking, cfg.output.dir, rank, run_id)
     tracker.log_params(config_lib.flatten(cfg))
     tracker.set_tags(run_tags(cfg, world_size, launcher))
     return tracker
