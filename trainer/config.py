@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -122,8 +122,9 @@ class DataSource(Section):
 
 
 class DataConfig(Section):
-    train_path: str | list[str | DataSource]
-    """Training data: a path or glob (see DataSource.path), or a list of sources mixed by weight."""
+    train_path: list[DataSource]
+    """Training data: a path or glob (see DataSource.path), or a list of sources (paths or mappings)
+    mixed by weight."""
     eval_path: str | None = None
     """Evaluation data (a path or glob); null: none, unless ``eval_fraction`` holds some out."""
     format: Literal["instruction", "text", "chat"] = "instruction"
@@ -173,6 +174,12 @@ class DataConfig(Section):
     num_proc: int | None = Field(None, gt=0)
     """Processes tokenising a file; null: one per CPU (up to 8) for files of 20k rows or more, else 1."""
 
+    @field_validator("train_path", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value
+        return [{"path": s} if isinstance(s, str) else s for s in items] if isinstance(items, list) else value
+
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
         if self.eval_path and self.eval_fraction:
@@ -184,12 +191,6 @@ class DataConfig(Section):
                 "streaming cannot hold out eval_fraction (it would read the whole corpus): use eval_path"
             )
         return self
-
-    @property
-    def train_sources(self) -> list[DataSource]:
-        """``train_path`` as a list of sources (a single path is one source of weight 1)."""
-        items = [self.train_path] if isinstance(self.train_path, str) else self.train_path
-        return [DataSource(path=s) if isinstance(s, str) else s for s in items]
 
 
 class DistributedConfig(Section):

@@ -85,6 +85,7 @@ def run_worker(
     with rank_zero_first():  # rank 0 fills the tokenisation cache, the others read it
         plan, evals = build_data(cfg, tokenizer, rank=rank, world_size=world)
     tracker = start_tracking(cfg, rank=rank, world_size=world, launcher=launcher)
+    tracker.log_metrics(plan.stats(), step=0)  # data set sizes and bad rows skipped
     t = cfg.train
 
     def extra_metrics() -> dict[str, float]:
@@ -110,6 +111,7 @@ def run_worker(
     summary = _summary(state, tracker, trainable, total, world, time.perf_counter() - wall_start)
     if preconditioner:
         summary["preconditioner_fallbacks"] = preconditioner.fallbacks
+    summary["data"] = plan.stats()
     _write_outputs(cfg, model, tracker, summary)
     return summary
 

@@ -45,7 +45,7 @@ def tokenize_sources(
     sources: list[list[int]] = []
     held: list[int] = []
     bad: Counter[str] = Counter()
-    for k, spec in enumerate(cfg.train_sources):
+    for k, spec in enumerate(cfg.train_path):
         files = [tokenize_file(f, tokenizer, cfg) for f in resolve(spec).files]
         start = sum(len(p) for p in parts)
         n = sum(len(t.data) for t in files)
@@ -88,7 +88,7 @@ def build_data(
     plan: GlobalBatches
     if d.streaming:
         plan = StreamBatches(
-            [resolve(s) for s in d.train_sources], make_encoder(d, tokenizer), layout,
+            [resolve(s) for s in d.train_path], make_encoder(d, tokenizer), layout,
             seed=t.seed, window=d.shuffle_buffer or 1, capacity=capacity, skip_bad=d.on_bad_row == "skip",
         )  # fmt: skip
     else:
@@ -96,7 +96,7 @@ def build_data(
         eval_data = data.select(held) if held else eval_data
         info |= {"data_train_examples": float(sum(len(s) for s in ids))} | _counts(bad, "data_bad_rows")
         plan = MapBatches(
-            data, ids, [s.weight for s in d.train_sources], layout,
+            data, ids, [s.weight for s in d.train_path], layout,
             seed=t.seed, window=d.shuffle_buffer, capacity=capacity,
         )  # fmt: skip
     evals = []
