@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import datasets
-import numpy as np
 import torch
 
 from trainer.data.formats import IGNORE_INDEX
 from trainer.data.order import IndexCursor, Mixer, epoch_rows, generator
 from trainer.data.packing import Doc, collate_packed, collate_padded
 from trainer.data.sources import DataError
+from trainer.data.tokenized import column
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,8 @@ class DatasetStore:
 
     def __init__(self, data: datasets.Dataset) -> None:
         self.data = data
-        numeric = data.with_format("numpy")
-        self.lengths = np.asarray(numeric["length"]).tolist()
-        self.losses = np.asarray(numeric["n_loss"]).tolist()
+        self.lengths = column(data, "length").tolist()
+        self.losses = column(data, "n_loss").tolist()
 
     def length(self, i: int) -> int:
         return self.lengths[i]

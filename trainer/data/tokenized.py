@@ -78,12 +78,18 @@ def encoded(f: SourceFile, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) 
                     features=FEATURES,
                     num_proc=procs if procs and procs > 1 else None,
                     new_fingerprint=key,
+                    load_from_cache_file=False,  # a miss here means datasets' map cache is stale or cold too
                     desc=f"tokenising {Path(f.path).name}",
                 )
                 with atomic_dir(path) as tmp:
                     out.save_to_disk(str(tmp))
                 log.info("tokenised %s (%d rows) into %s", f.path, len(out), path)
     return datasets.load_from_disk(str(path))
+
+
+def column(data: datasets.Dataset, name: str) -> np.ndarray:
+    """One whole column as an array (``data[name]`` in datasets 5 is a lazy column read row by row)."""
+    return np.asarray(data.with_format("numpy", columns=[name])[:][name])
 
 
 @dataclass
@@ -97,11 +103,11 @@ class TokenizedFile:
 def tokenize_file(f: SourceFile, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> TokenizedFile:
     """``f`` tokenised, with its bad rows raised (naming file and row) or skipped and counted."""
     data = encoded(f, tokenizer, cfg)
-    empty = np.flatnonzero(np.asarray(data.with_format("numpy")["length"]) == 0).tolist()
+    empty = np.flatnonzero(column(data, "length") == 0).tolist()
     if not empty:
         return TokenizedFile(data.with_format("python"))
     faults = [
-        (i, b) for i, b in zip(empty, data.select(empty)["bad"], strict=True) if b
+        (i, b) for i, b in zip(empty, column(data.select(empty), "bad"), strict=True) if b
     ]  # "" is a blank line
     if faults and cfg.on_bad_row == "error":
         i, fault = faults[0]
