@@ -120,9 +120,12 @@ def test_packing_keeps_every_example_whole(plan_for: Callable[..., GlobalBatches
         assert batch.metrics["packing_efficiency"] == pytest.approx(real / slots)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_the_unpacked_mean(tiny_model_dir: Path, attn: str) -> None:
-    """The masked loss of a packed batch == the token mean of each example's loss alone (fp32)."""
+@pytest.mark.parametrize(("attn", "flat"), [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_loss_equals_the_unpacked_mean(tiny_model_dir: Path, attn: str, flat: bool) -> None:
+    """The masked loss of a packed batch == the token mean of each example's loss alone (fp32).
+
+    ``flat`` (one row, what flash-attention gets) runs here through sdpa, which reads the same boundaries.
+    """
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32)
     model.train()  # as in training (no dropout in Llama): the KV cache default is what must not leak in
@@ -131,7 +134,8 @@ def test_packed_loss_equals_the_unpacked_mean(tiny_model_dir: Path, attn: str) -
     for t in texts:
         ids = tok(t)["input_ids"] + [tok.eos_token_id]
         docs.append({"input_ids": ids, "labels": [-100, *ids[1:]], "length": len(ids)})
-    packed = collate_packed([docs[:3], docs[3:]], tok.pad_token_id)
+    packed = collate_packed([docs[:3], docs[3:]], tok.pad_token_id, flat=flat)
+    assert packed["input_ids"].shape[0] == (1 if flat else 2)
     n_tokens = int((packed["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
         got = token_loss_sum(forward_logits(model, packed), packed["labels"]) / n_tokens
@@ -207,3 +211,17 @@ def test_resume_mid_epoch_continues_with_the_next_batch(
         assert_same(resumed.for_step(k), reference[k])  # from the saved position
         assert_same(plan_for(*overrides).for_step(k), reference[k])  # from the step alone
     assert reference[23].epoch == 1
+
+
+def test_flash_attention_gets_one_padding_free_row(plan_for: Callable[..., GlobalBatches]) -> None:
+    rows = plan_for("data.packing=true")
+    flat = plan_for("data.packing=true", "model.attn_implementation=flash_attention_2")
+    for step in (0, 5):
+        a, b = rows.for_step(step), flat.for_step(step)
+        assert a.global_loss_tokens == b.global_loss_tokens and a.global_tokens == b.global_tokens
+        for x, y in zip(a.micro_batches, b.micro_batches, strict=True):
+            assert y["input_ids"].shape == (1, int((x["input_ids"] != 0).sum()))  # no padding at all
+            keep = x["input_ids"] != 0  # the same examples, in the same order, row after row
+            for k in ("input_ids", "labels", "position_ids"):
+                assert torch.equal(y[k][0], x[k][keep])
+        assert b.metrics["packing_efficiency"] == 1.0

@@ -60,6 +60,7 @@ class Layout:
     rank: int
     pad_id: int
     packed: bool
+    flat: bool = False  # packed micro-batches as one row without padding (flash-attention)
 
     @property
     def rows(self) -> int:
@@ -88,12 +89,15 @@ def assemble(rows: Sequence[Sequence[int]], store: DocStore, layout: Layout, epo
     micro-batch's rows times its padded width. Without packing it measures the padding.
     """
     lengths = [sum(store.length(i) for i in row) for row in rows]
-    slots = sum((c.stop - c.start) * max(lengths[c]) for c in layout.chunks())
+    if layout.flat:
+        slots = sum(lengths)
+    else:
+        slots = sum((c.stop - c.start) * max(lengths[c]) for c in layout.chunks())
     micro = []
     for c in layout.mine():
         docs = [[store.doc(i) for i in row] for row in rows[c]]
         if layout.packed:
-            micro.append(collate_packed(docs, layout.pad_id))
+            micro.append(collate_packed(docs, layout.pad_id, layout.flat))
         else:
             micro.append(collate_padded([d for (d,) in docs], layout.pad_id))
     return StepBatch(

@@ -76,8 +76,9 @@ def build_data(
 ) -> tuple[GlobalBatches, list[dict[str, torch.Tensor]]]:
     """This rank's training batches and its share of the eval set, as the config says."""
     d, t = cfg.data, cfg.train
+    flat = d.packing and cfg.model.attn_implementation == "flash_attention_2"
     layout = Layout(
-        t.micro_batch_size, t.grad_accum_steps, world_size, rank, tokenizer.pad_token_id, d.packing
+        t.micro_batch_size, t.grad_accum_steps, world_size, rank, tokenizer.pad_token_id, d.packing, flat
     )
     capacity = d.max_seq_len if d.packing else None
     info: dict[str, float] = {}

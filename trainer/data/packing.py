@@ -3,11 +3,11 @@
 A packed row holds whole examples back to back. Its ``position_ids`` restart at 0 for every example,
 and no ``attention_mask`` is passed: transformers (5.x, Llama and the other models built on its
 masking utilities) then reads the example boundaries from the position ids and masks attention
-block-diagonally (sdpa and eager build that mask, flash-attention runs variable-length kernels), so
-no token attends across examples. This needs the forward to run without a KV cache (the loop passes
-``use_cache=False``): with a cache, transformers ignores the position ids for masking. The first token
-of each example is not a target, so no example is trained to predict across a boundary; a packed row
-therefore carries exactly the loss tokens of its examples.
+block-diagonally (sdpa and eager build that mask; flash-attention runs variable-length kernels, for a
+batch of one row only, hence ``flat``), so no token attends across examples. This needs the forward
+to run without a KV cache (the loop passes ``use_cache=False``): with a cache, transformers ignores
+the position ids for masking. The first token of each example is not a target, so no example is
+trained to predict across a boundary; a packed row carries exactly the loss tokens of its examples.
 """
 
 from __future__ import annotations
@@ -87,8 +87,15 @@ def collate_padded(docs: Sequence[Doc], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate_packed(rows: Sequence[Sequence[Doc]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Packed rows, padded to the longest; position ids restart per example (see the module docstring)."""
+def collate_packed(rows: Sequence[Sequence[Doc]], pad_id: int, flat: bool = False) -> dict[str, torch.Tensor]:
+    """Packed rows, padded to the longest; position ids restart per example (see the module docstring).
+
+    ``flat``: all rows as one row without padding. transformers' flash-attention path finds packed
+    examples only in a batch of one row (then its variable-length kernels cost exactly the examples'
+    own attention); sdpa and eager would build a dense mask over the whole row, so they get rows.
+    """
+    if flat:
+        rows = [[d for row in rows for d in row]]
     width = max(sum(len(d["input_ids"]) for d in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
