@@ -165,7 +165,7 @@ def plot(packing: list[dict[str, Any]], path: Path) -> None:
 
     groups = sorted({(r["data"], r["capacity"]) for r in packing})
     names = list(dict.fromkeys(r["strategy"] for r in packing))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         value = {(r["data"], r["capacity"]): r["efficiency"] for r in packing if r["strategy"] == name}
@@ -174,7 +174,7 @@ def plot(packing: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{d}\nmax_seq_len {c}" for d, c in groups])
     ax.set_ylabel("real tokens / computed slots")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title("Packing efficiency (micro-batches of 8 rows)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
