@@ -231,7 +231,22 @@ def test_bad_rows_skipped_are_counted_exactly(make_config: Callable[..., Any], t
         "data_eval_bad_rows": 20.0,
     }
     want |= {f"data_bad_rows_{k}": float(n) for k, n in kinds.items()}
-    assert plan.stats() == want | {f"data_eval_bad_rows_{k}": float(n) for k, n in kinds.items()}
+    want |= {f"data_eval_bad_rows_{k}": float(n) for k, n in kinds.items()}
+    assert plan.stats() == want | {"data_truncated": 0.0, "data_eval_truncated": 0.0}
+
+
+def test_truncated_examples_stay_and_are_counted(tmp_path: Path, tok: PreTrainedTokenizerBase) -> None:
+    """Cut to max_seq_len even if no loss token is left (as before); only a row with nothing to learn
+    in the first place (a conversation without an assistant turn) is bad."""
+    rows = [ROWS[0], {"instruction": "Long. " * 80, "response": "Cut."}, ROWS[2]]
+    limit = max(len(reference_instruction(r, tok)[0]) for r in (ROWS[0], ROWS[2]))  # the others fit
+    path = str(write_jsonl(tmp_path / "t.jsonl", rows))
+    data, _, _, seen = tokenize_sources(cfg(tmp_path, path, max_seq_len=limit), tok)
+    assert len(data) == 3 and seen == {"truncated": 1}
+    assert data[1]["length"] == limit and data[1]["n_loss"] == 0  # the prompt alone fills it
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}, {"messages": CHAT[:2]}])
+    with pytest.raises(DataError, match=rf"{chat}: row 2: no token carries loss"):
+        docs(cfg(tmp_path, str(chat), format="chat"), tok)
 
 
 def test_tokenisation_cache_hits_and_misses(

@@ -15,7 +15,7 @@ from trainer.data.formats import make_encoder
 from trainer.data.order import generator
 from trainer.data.sources import DataError, resolve
 from trainer.data.streaming import StreamBatches
-from trainer.data.tokenized import tokenize_file
+from trainer.data.tokenized import counts, tokenize_file
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,11 @@ def hold_out(ids: list[int], fraction: float, seed: int, source: int) -> tuple[l
     return [x for i, x in enumerate(ids) if i not in held], [x for i, x in enumerate(ids) if i in held]
 
 
-def _counts(bad: Counter[str], prefix: str) -> dict[str, float]:
-    return {prefix: float(sum(bad.values()))} | {f"{prefix}_{k}": float(n) for k, n in sorted(bad.items())}
-
-
 def tokenize_sources(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[datasets.Dataset, list[list[int]], list[int], Counter[str]]:
     """Every training source tokenised into one data set: its rows, each source's training ids, the
-    held-out ids and the bad rows skipped."""
+    held-out ids and the counts (bad rows skipped by kind, and "truncated" examples)."""
     parts: list[datasets.Dataset] = []
     sources: list[list[int]] = []
     held: list[int] = []
@@ -56,7 +52,7 @@ def tokenize_sources(
         sources.append(train)
         held += evals
         for t in files:
-            bad += t.bad
+            bad += t.bad + Counter(truncated=t.truncated)
     return datasets.concatenate_datasets(parts).with_format("python"), sources, held, bad
 
 
@@ -67,7 +63,7 @@ def tokenize_path(
     files = [tokenize_file(f, tokenizer, cfg) for f in resolve(DataSource(path=path)).files]
     bad: Counter[str] = Counter()
     for t in files:
-        bad += t.bad
+        bad += t.bad + Counter(truncated=t.truncated)
     return datasets.concatenate_datasets([t.data for t in files]).with_format("python"), bad
 
 
@@ -85,7 +81,7 @@ def build_data(
     eval_data = None
     if d.eval_path:
         eval_data, eval_bad = tokenize_path(d.eval_path, d, tokenizer)
-        info |= _counts(eval_bad, "data_eval_bad_rows")
+        info |= counts(eval_bad, "data_eval")
     plan: GlobalBatches
     if d.streaming:
         plan = StreamBatches(
@@ -95,7 +91,7 @@ def build_data(
     else:
         data, ids, held, bad = tokenize_sources(d, tokenizer)
         eval_data = data.select(held) if held else eval_data
-        info |= {"data_train_examples": float(sum(len(s) for s in ids))} | _counts(bad, "data_bad_rows")
+        info |= {"data_train_examples": float(sum(len(s) for s in ids))} | counts(bad, "data")
         plan = MapBatches(
             data, ids, [s.weight for s in d.train_path], layout,
             seed=t.seed, window=d.shuffle_buffer, capacity=capacity,

@@ -39,7 +39,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 Segment = tuple[str, bool, bool]  # text, carries loss, tokenised with the tokenizer's special tokens
-Encoded = dict[str, list[Any]]  # columns input_ids, labels, n_loss, length, bad (one entry per row)
+Encoded = dict[str, list[Any]]  # columns input_ids, labels, n_loss, length, bad, truncated (one per row)
 
 
 class BadRowError(ValueError):
@@ -168,26 +168,31 @@ def _tokenize_all(segments: list[Segment], tokenizer: PreTrainedTokenizerBase) -
     return out
 
 
-def _append(out: Encoded, ids: list[int], labels: list[int], n_loss: int, bad: str) -> None:
-    for key, value in zip(out, (ids, labels, n_loss, len(ids), bad), strict=True):
+def _append(
+    out: Encoded, ids: list[int], labels: list[int], n_loss: int, bad: str, cut: bool = False
+) -> None:
+    for key, value in zip(out, (ids, labels, n_loss, len(ids), bad, cut), strict=True):
         out[key].append(value)
 
 
 def _finish(ids: list[int], labels: list[int], cfg: DataConfig, out: Encoded) -> None:
-    """Truncate or reject an over-long example, count its loss tokens, and append it to ``out``."""
-    bad = ""
-    if len(ids) > cfg.max_seq_len:
-        if cfg.truncate:
-            ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
-        else:
-            bad = f"too_long\t{len(ids)} tokens, more than data.max_seq_len={cfg.max_seq_len}"
+    """Truncate or reject an over-long example, count its loss tokens, and append it to ``out``.
+
+    A truncated example stays even if no loss token is left (it is counted as truncated, not bad);
+    an untruncated one without any (a conversation with no assistant turn) is a bad row.
+    """
+    bad, cut = "", len(ids) > cfg.max_seq_len
+    if cut and cfg.truncate:
+        ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+    elif cut:
+        bad = f"too_long\t{len(ids)} tokens, more than data.max_seq_len={cfg.max_seq_len} (data.truncate)"
     # Tokens that carry loss after the one-position shift of next-token prediction.
     n_loss = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
-    if not bad and n_loss == 0:
-        bad = "no_loss\tno token carries loss (no response or assistant turn within data.max_seq_len)"
+    if not bad and not cut and n_loss == 0:
+        bad = "no_loss\tno token carries loss (no response or assistant turn)"
     if bad:
         ids, labels, n_loss = [], [], 0
-    _append(out, ids, labels, n_loss, bad)
+    _append(out, ids, labels, n_loss, bad, cut and not bad)
 
 
 def make_encoder(
@@ -212,7 +217,7 @@ def make_encoder(
                 rendered.append(f"{e.kind}\t{e}")
         flat = [s for r in rendered if not isinstance(r, str) for s in r[0]]
         tokens = iter(_tokenize_all(flat, tokenizer))
-        out: Encoded = {"input_ids": [], "labels": [], "n_loss": [], "length": [], "bad": []}
+        out: Encoded = {"input_ids": [], "labels": [], "n_loss": [], "length": [], "bad": [], "truncated": []}
         for r in rendered:
             if isinstance(r, str):  # a bad row, or "" for a blank line
                 _append(out, [], [], 0, r)

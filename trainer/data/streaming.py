@@ -22,6 +22,7 @@ from trainer.data.formats import Encoded
 from trainer.data.order import Cursor, Mixer, generator, take, window_rows
 from trainer.data.packing import Doc
 from trainer.data.sources import DataError, Source, stream
+from trainer.data.tokenized import counts
 
 CHUNK = 256  # raw rows tokenised per batched call
 
@@ -63,6 +64,8 @@ class StreamCursor:
         if out["length"][j]:
             doc = {k: out[k][j] for k in ("input_ids", "labels", "n_loss", "length")}
             self._buffer.append((doc, f, row + 1))
+            if out["truncated"][j] and self.bad is not None:
+                self.bad["truncated"] += 1
         elif out["bad"][j]:
             kind, message = out["bad"][j].split("\t", 1)
             if not self.skip_bad:
@@ -202,7 +205,7 @@ class StreamBatches:
         rows = self._take()
         batch = assemble(rows, self, self.layout, self.epoch)
         self._release(rows)
-        batch.metrics.update({k: v for k, v in self.stats().items() if k.startswith("data_bad_rows")})
+        batch.metrics.update(counts(self.bad, "data"))
         return batch
 
     def length(self, i: int) -> int:
@@ -215,6 +218,5 @@ class StreamBatches:
         return self.store[i]
 
     def stats(self) -> dict[str, float]:
-        """Bad rows skipped so far (each counted once, in the first pass of epoch 0)."""
-        counts = {f"data_bad_rows_{k}": float(n) for k, n in sorted(self.bad.items())}
-        return {**self.info, "data_bad_rows": float(sum(self.bad.values())), **counts}
+        """Bad rows skipped and examples truncated so far (each once, in the first pass of epoch 0)."""
+        return self.info | counts(self.bad, "data")

@@ -29,7 +29,7 @@ from trainer.data.sources import DataError, SourceFile, cache_root, fingerprint,
 
 log = logging.getLogger(__name__)
 
-ENCODING_VERSION = 1  # bump when formats.py changes the tokens it produces for the same inputs
+ENCODING_VERSION = 2  # bump when formats.py changes the tokens it produces for the same inputs
 ENCODING_FIELDS = {
     "format", "prompt_field", "response_field", "text_field", "prompt_template", "train_on_prompt",
     "max_seq_len", "input_field", "input_template", "messages_field", "chat_template", "truncate",
@@ -41,6 +41,7 @@ FEATURES = datasets.Features(
         "n_loss": datasets.Value("int32"),
         "length": datasets.Value("int32"),
         "bad": datasets.Value("string"),
+        "truncated": datasets.Value("bool"),
     }
 )
 PARALLEL_ROWS = 20_000  # below this, starting processes costs more than it saves (bench/data_pipeline.py)
@@ -87,6 +88,15 @@ def encoded(f: SourceFile, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) 
     return datasets.load_from_disk(str(path))
 
 
+def counts(seen: Counter[str], prefix: str) -> dict[str, float]:
+    """Metric names for bad-row counts by kind (``seen`` also holds "truncated": examples cut)."""
+    bad = {k: n for k, n in sorted(seen.items()) if k != "truncated"}
+    out = {f"{prefix}_bad_rows": float(sum(bad.values()))} | {
+        f"{prefix}_bad_rows_{k}": float(n) for k, n in bad.items()
+    }
+    return out | {f"{prefix}_truncated": float(seen["truncated"])}
+
+
 def column(data: datasets.Dataset, name: str) -> np.ndarray:
     """One whole column as an array (``data[name]`` in datasets 5 is a lazy column read row by row)."""
     return np.asarray(data.with_format("numpy", columns=[name])[:][name])
@@ -94,21 +104,21 @@ def column(data: datasets.Dataset, name: str) -> np.ndarray:
 
 @dataclass
 class TokenizedFile:
-    """The usable rows of a file and how many were skipped, per kind of fault."""
+    """The usable rows of a file, how many were skipped per kind of fault, and how many were cut."""
 
     data: datasets.Dataset
     bad: Counter[str] = field(default_factory=Counter)
+    truncated: int = 0
 
 
 def tokenize_file(f: SourceFile, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> TokenizedFile:
     """``f`` tokenised, with its bad rows raised (naming file and row) or skipped and counted."""
     data = encoded(f, tokenizer, cfg)
+    truncated = int(column(data, "truncated").sum())
     empty = np.flatnonzero(column(data, "length") == 0).tolist()
     if not empty:
-        return TokenizedFile(data.with_format("python"))
-    faults = [
-        (i, b) for i, b in zip(empty, column(data.select(empty), "bad"), strict=True) if b
-    ]  # "" is a blank line
+        return TokenizedFile(data.with_format("python"), truncated=truncated)
+    faults = [(i, b) for i, b in zip(empty, column(data.select(empty), "bad"), strict=True) if b]  # "": blank
     if faults and cfg.on_bad_row == "error":
         i, fault = faults[0]
         raise DataError(
@@ -116,6 +126,5 @@ def tokenize_file(f: SourceFile, tokenizer: PreTrainedTokenizerBase, cfg: DataCo
             "data.on_bad_row=skip drops and counts them)"
         )
     good = np.setdiff1d(np.arange(len(data)), empty).tolist()
-    return TokenizedFile(
-        data.select(good).with_format("python"), Counter(b.split("\t", 1)[0] for _, b in faults)
-    )
+    bad = Counter(b.split("\t", 1)[0] for _, b in faults)
+    return TokenizedFile(data.select(good).with_format("python"), bad, truncated)
