@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -110,13 +110,26 @@ class OptimConfig(Section):
     """Clip the global gradient norm (of the preconditioned gradient) to this; null disables."""
 
 
+class DataSource(Section):
+    """One training source: a file, a glob or a ``datasets.save_to_disk`` directory, with its weight."""
+
+    path: str
+    """Local .jsonl, .json, .csv, .parquet or .arrow file, a glob of them, or a save_to_disk directory."""
+    weight: float = Field(1.0, gt=0)
+    """Relative share of this source in the mixture (probability weight/sum of weights per drawn row)."""
+    split: str = "train"
+    """Split to read when ``path`` is a saved DatasetDict."""
+
+
 class DataConfig(Section):
-    train_path: str
-    """Local jsonl file of training rows."""
+    train_path: list[DataSource]
+    """Training data: a path or glob (see DataSource.path), or a list of sources (paths or mappings)
+    mixed by weight."""
     eval_path: str | None = None
-    """Local jsonl file of evaluation rows; null: no evaluation."""
-    format: Literal["instruction", "text"] = "instruction"
-    """instruction: prompt/response rows rendered with ``prompt_template``; text: one text field."""
+    """Evaluation data (a path or glob); null: none, unless ``eval_fraction`` holds some out."""
+    format: Literal["instruction", "text", "chat"] = "instruction"
+    """instruction: prompt/response fields in ``prompt_template``; text: one text field; chat: a list of
+    {role, content} messages rendered with the chat template."""
     prompt_field: str = "instruction"
     """Field holding the prompt (instruction format)."""
     response_field: str = "response"
@@ -126,9 +139,58 @@ class DataConfig(Section):
     prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
     """Template around the prompt; the response follows it directly, then the EOS token."""
     train_on_prompt: bool = False
-    """False: only response tokens carry loss."""
+    """False: only response (instruction) or assistant (chat) tokens carry loss; True: every token does."""
     max_seq_len: int = Field(256, gt=1)
-    """Examples longer than this are truncated."""
+    """Longest example in tokens (see ``truncate``); with ``packing`` the length of every packed row."""
+    input_field: str = "input"
+    """Optional field with the task's input (Alpaca); when non-empty ``input_template`` is used."""
+    input_template: str = "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n"
+    """Template around prompt and input for rows that have an input (instruction format)."""
+    messages_field: str = "messages"
+    """Field holding the list of {role, content} messages (chat format)."""
+    chat_template: str | None = None
+    """Jinja chat template; null: the tokenizer's, else trainer.data.formats.DEFAULT_CHAT_TEMPLATE."""
+    truncate: bool = True
+    """True: examples longer than ``max_seq_len`` are cut to it; False: they are bad rows."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A row with a missing or mistyped field, no messages, no loss-carrying token, or too long (without
+    ``truncate``): error stops with its file and row; skip drops it and counts it (summary, metrics)."""
+    packing: bool = False
+    """Pack several examples into each row of ``max_seq_len`` tokens (best-fit decreasing); position ids
+    restart per example and attention stays inside it."""
+    shuffle_buffer: int | None = Field(None, gt=0)
+    """Examples shuffled (and packed) together, in consecutive windows of the mixed data; null: the whole
+    data set at once (map-style only). Streaming and map-style runs with the same value see the same
+    batches."""
+    streaming: bool = False
+    """Read the training files as a stream (never all in memory, no tokenisation cache)."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Hold out this fraction of every training source for evaluation (instead of ``eval_path``)."""
+    eval_seed: int = 0
+    """Seed of the held-out split (apart from train.seed, so the split stays fixed across runs)."""
+    cache_dir: str | None = None
+    """Tokenisation cache; null: <datasets cache>/riemann_tune_tokenized. Keyed by tokenizer, encoding
+    settings and file fingerprints (path, size, mtime)."""
+    num_proc: int | None = Field(None, gt=0)
+    """Processes tokenising a file; null: one per CPU (up to 8) for files of 20k rows or more, else 1."""
+
+    @field_validator("train_path", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value
+        return [{"path": s} if isinstance(s, str) else s for s in items] if isinstance(items, list) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.eval_path and self.eval_fraction:
+            raise ValueError("eval_path and eval_fraction are exclusive: choose one evaluation source")
+        if self.streaming and self.shuffle_buffer is None:
+            raise ValueError("streaming needs shuffle_buffer (a number of examples): it cannot shuffle all")
+        if self.streaming and self.eval_fraction:
+            raise ValueError(
+                "streaming cannot hold out eval_fraction (it would read the whole corpus): use eval_path"
+            )
+        return self
 
 
 class DistributedConfig(Section):

@@ -38,8 +38,13 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def forward_logits(engine: Any, micro: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a micro-batch: every key but ``labels`` is a model input (ids, mask, positions, ...)."""
-    return engine(**{k: v for k, v in micro.items() if k != "labels"}).logits
+    """Logits of a micro-batch: every key but ``labels`` is a model input (ids, mask, positions, ...).
+
+    No KV cache: training never reuses one, and with one transformers ignores packed position ids
+    when it builds the attention mask (packed examples would attend across their boundaries).
+    """
+    inputs = {k: v for k, v in micro.items() if k != "labels"}
+    return engine(**inputs, use_cache=False).logits
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:

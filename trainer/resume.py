@@ -48,6 +48,7 @@ class TrainerState:
     loop: dict[str, Any]
     mlflow_run_id: str | None = None
     restarts: int = 0
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # the data position (streams)
 
     def write(self, directory: Path) -> None:
         atomic_write_text(directory / STATE_FILE, json.dumps(dataclasses.asdict(self), indent=2) + "\n")

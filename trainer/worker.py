@@ -112,6 +112,9 @@ def run_worker(
         plan, evals = build_data(cfg, tokenizer, rank=rank, world_size=world)
     attempt, run_id = record_attempt(cfg, job_id, saved) if rank == 0 else (1, None)
     tracker = start_tracking(cfg, rank=rank, world_size=world, launcher=launcher, run_id=run_id)
+    if saved and saved.data:
+        plan.load_state_dict(saved.data)  # a stream continues where it was, without replaying
+    tracker.log_metrics(plan.stats(), step=state.step)  # data set sizes, bad rows skipped
     if rank == 0:
         record_attempt(cfg, job_id, saved, tracker.run_id)
         if attempt > 1:
@@ -127,7 +130,7 @@ def run_worker(
         record = TrainerState(
             step=loop.step, world_size=world, zero_stage=cfg.distributed.zero_stage,
             fingerprint=run_fingerprint, manifests=[], loop=loop.to_dict(),
-            mlflow_run_id=tracker.run_id, restarts=attempt - 1,
+            mlflow_run_id=tracker.run_id, restarts=attempt - 1, data=plan.state_dict(),
         )  # fmt: skip
         sink.seal(staged, record, metrics)
 
@@ -149,6 +152,7 @@ def run_worker(
     summary = _summary(state, tracker, trainable, total, world, time.perf_counter() - wall_start)
     if preconditioner:
         summary["preconditioner_fallbacks"] = preconditioner.fallbacks
+    summary["data"] = plan.stats()
     _write_outputs(cfg, model, tracker, summary)
     return summary
 
