@@ -26,6 +26,7 @@ from trainer.engine import build_engine, gathered, init_distributed
 from trainer.loop import LoopState, train
 from trainer.model import count_parameters, load_tokenizer, prepare_model
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.rank_stats import memory_metrics
 from trainer.tracking import Tracker, log_outputs, start_tracking
 
 log = logging.getLogger("trainer")
@@ -87,8 +88,11 @@ def run_worker(
     tracker = start_tracking(cfg, rank=rank, world_size=world, launcher=launcher)
     t = cfg.train
 
-    def extra_metrics() -> dict[str, float]:
-        return {"preconditioner_fallbacks": float(preconditioner.fallbacks)} if preconditioner else {}
+    def extra_metrics() -> dict[
+        str, float
+    ]:  # every rank calls it at the same steps: it may hold a collective
+        fallbacks = {"preconditioner_fallbacks": float(preconditioner.fallbacks)} if preconditioner else {}
+        return fallbacks | memory_metrics(device)
 
     def checkpoint(step: int, metrics: dict[str, float]) -> None:
         if sink is None:
@@ -145,6 +149,7 @@ def _write_outputs(cfg: RunConfig, model: torch.nn.Module, tracker: Tracker, sum
     out = Path(cfg.output.dir)
     save_adapter(state, model, cfg.adapter, cfg.model.path, out / "adapter")
     atomic_write_text(out / "config.yaml", config_lib.to_yaml(cfg))
+    summary.update(tracker.flush())  # queued metrics delivered (or counted as dropped) first
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log_outputs(tracker, out)
+    log_outputs(tracker, cfg.tracking, out)
     log.info("wrote %s (adapter/, config.yaml, summary.json)", out)
