@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -66,8 +67,11 @@ def redact(text: str, environ: Mapping[str, str] = os.environ) -> str:
 
 
 def describe_error(e: BaseException) -> str:
-    """One redacted line: the exception's type and the first line of its message."""
+    """One redacted line: the exception's type and the first line of its message (for a connection
+    failure, just the OS error: urllib3's message repeats the URL and the pool three times)."""
     first = (str(e).splitlines() or [""])[0]
+    if os_error := re.search(r"\[Errno -?\d+\] [^'\")]+", first):
+        first = f"cannot connect: {os_error.group(0)}"
     return redact(f"{type(e).__name__}: {first}")[:400]
 
 
