@@ -168,29 +168,27 @@ class Sender:
         self._tasks.clear()
 
     def _main(self) -> None:
-        if not self._attempt_until_done("connect", self._connect):
-            with self._cv:
+        with self._cv:
+            self._busy = True  # give_up waits for a connection attempt too: it may create the run
+        connected = self._attempt_until_done("connect", self._connect)
+        with self._cv:
+            self._connected, self._busy = connected, False
+            if not connected:
                 self._dead = True
                 self._drop_queued()
-                self._cv.notify_all()
-            return
-        with self._cv:
-            self._connected = True
             self._cv.notify_all()
         while (item := self._next()) is not None:
             if isinstance(item, Task):
-                if not self._attempt_until_done(item.name, item.run):
-                    with self._cv:
-                        self._failed_tasks.append(item.name)
+                ok = self._attempt_until_done(item.name, item.run)
             else:
                 ok = self._attempt_until_done("metrics", functools.partial(self._send_rows, item))
-                with self._cv:
-                    if ok:
-                        self._sent += len(item)
-                    else:
-                        self._dropped += len(item)
-            with self._cv:
-                self._busy, self._busy_task = False, None
+            with self._cv:  # one critical section: report() never sees the item both busy and counted
+                if isinstance(item, Task) and not ok:
+                    self._failed_tasks.append(item.name)
+                elif not isinstance(item, Task):
+                    self._sent += len(item) if ok else 0
+                    self._dropped += 0 if ok else len(item)
+                self._busy, self._busy_rows, self._busy_task = False, 0, None
                 self._cv.notify_all()
 
     def _next(self) -> list[Row] | Task | None:

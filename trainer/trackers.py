@@ -11,6 +11,12 @@ from typing import Any, Protocol
 
 
 class Tracker(Protocol):
+    """Where a run's params, tags, metrics and artefacts go. Implementations must not block the loop.
+
+    ``flush`` delivers what is queued (bounded in time) and returns the tracking part of the run's
+    summary (run id, URI, metric rows delivered / dropped); ``finish`` closes the run.
+    """
+
     @property
     def run_id(self) -> str | None: ...
     @property
