@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from launch.env import apply_defaults, resolve_paths
+from launch.runs import DEMO_STORE
 from trainer import config as config_lib
 from trainer.config import ConfigError
 
@@ -23,13 +24,28 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. adapter.rank=16 train.max_steps=10"
     )
+    runs = verbs.add_parser("runs", help="list and compare recent MLflow runs")
+    runs.add_argument("--experiment", help="only this experiment (default: all)")
+    runs.add_argument("--uri", help=f"tracking URI (default: $MLFLOW_TRACKING_URI, else {DEMO_STORE})")
+    runs.add_argument("--limit", type=int, default=20, help="how many runs, newest first")
     return parser
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from launch.runs import print_runs
+
+    apply_defaults()  # MLflow's telemetry off here too
+
+    return print_runs(args.uri, args.experiment, args.limit)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     spawned_worker = "RANK" in os.environ  # started by a launcher (ours, torchrun, srun): the parent reports
     env = apply_defaults()
     cfg = resolve_paths(config_lib.load(args.config, args.overrides))
+    from trainer.tracking import resolve_run
+
+    cfg = resolve_run(cfg)  # MLflow URI, experiment, run name fixed once, for every worker
     if cfg.model.build is not None:
         from trainer.tiny import ensure_tiny_model
 
@@ -71,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return {"train": cmd_train}[args.verb](args)
+        return {"train": cmd_train, "runs": cmd_runs}[args.verb](args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

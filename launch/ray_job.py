@@ -95,6 +95,7 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         LOCAL_RANK=str(ctx.get_local_rank()),
         WORLD_SIZE=str(ctx.get_world_size()),
         LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
+        RIEMANN_TUNE_RAY_JOB_ID=ray.get_runtime_context().get_job_id(),  # the run's ray_job_id tag
     )
     cfg = RunConfig.model_validate(loop_config["config"])
     sink = RaySink(cfg.checkpoint.verify_hashes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -249,11 +250,47 @@ class TrackingConfig(Section):
     enabled: bool = True
     """Log to MLflow (rank 0 only)."""
     uri: str | None = None
-    """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/../mlflow.db."""
-    experiment: str = "default"
-    """MLflow experiment name."""
+    """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/../mlflow.db. Never
+    credentials (user:password@): they come only from MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN."""
+    experiment: str | None = None
+    """MLflow experiment name; null: $MLFLOW_EXPERIMENT_NAME, else ``default``."""
     run_name: str | None = None
     """MLflow run name; null: the output directory's name."""
+    run_id: str | None = None
+    """An existing MLflow run to continue (a restarted job); null: a new run."""
+    log_adapter: bool = True
+    """Upload the adapter weights as an artefact (its small JSON files, e.g. a rank map, always go)."""
+    registered_model: str | None = None
+    """Register the final adapter as a new version of this MLflow registered model; null: don't."""
+    system_metrics: bool = True
+    """MLflow system metrics of rank 0's node (CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py)."""
+    system_metrics_interval_s: float = Field(10.0, gt=0)
+    """Seconds between two system-metrics samples."""
+    queue_size: int = Field(10_000, gt=0)
+    """Metric rows (steps) held for the server during an outage; beyond it the oldest are dropped and
+    counted (metrics.jsonl keeps every row)."""
+    retry_max_s: float = Field(30.0, gt=0)
+    """Longest wait between two attempts to reach the server (the backoff doubles from 0.5 s)."""
+    request_timeout_s: int = Field(30, gt=0)
+    """Timeout of one request to an HTTP tracking server (MLflow's own retries are off: we retry)."""
+    drain_timeout_s: float = Field(60.0, ge=0)
+    """At the end, how long to wait for queued metrics (then again for artefacts) to reach the server."""
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri and urlsplit(uri).username is not None:
+            raise ValueError(
+                "must not contain credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                "(or MLFLOW_TRACKING_TOKEN) in the environment"
+            )
+        return uri
+
+    @model_validator(mode="after")
+    def _registration_needs_weights(self) -> TrackingConfig:
+        if self.registered_model and not self.log_adapter:
+            raise ValueError("registered_model needs log_adapter: true (the version points at the weights)")
+        return self
 
 
 class OutputConfig(Section):

@@ -176,6 +176,7 @@ def train(
             state.eval_losses.append((state.step, evaluate(engine, eval_data)))
             metrics["eval_loss"] = state.eval_losses[-1][1]
         if state.step % settings.log_every == 0 or "eval_loss" in metrics or skipped:
+            # On every rank (the tracker is null on ranks > 0): extra_metrics may gather over ranks.
             tracker.log_metrics(metrics | extra_metrics(), step=state.step)
         every = settings.checkpoint_every
         if checkpoint and every and (state.step % every == 0 or state.step == end) and not state.bad_in_a_row:

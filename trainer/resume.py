@@ -180,26 +180,12 @@ def restore_rng(directory: Path, rank: int) -> bool:
     return True
 
 
-def record_attempt(
-    cfg: RunConfig, job_id: str | None, saved: TrainerState | None, run_id: str | None = None
-) -> tuple[int, str | None]:
-    """Which attempt of launch ``job_id`` this is, and the MLflow run it continues (rank 0 only).
-
-    Ray restarts a failed job's workers, from its last checkpoint if there is one; the record under
-    <output.dir>/.jobs keeps the run id across restarts that come before any checkpoint. Called once
-    before tracking starts (to read) and once after (to record the run id).
-    """
-    fallback = saved.mlflow_run_id if saved else None
+def record_attempt(cfg: RunConfig, job_id: str | None) -> int:
+    """Which attempt of launch ``job_id`` this is (rank 0 only): Ray restarts a failed launch's workers,
+    and each attempt is counted under <output.dir>/.jobs so the run can say how often it restarted."""
     if job_id is None:
-        return 1, run_id or fallback
+        return 1
     path = Path(cfg.output.dir) / ".jobs" / f"{job_id}.json"
-    record: dict[str, Any] = {"attempts": 0, "mlflow_run_id": None}
-    if path.is_file():
-        record = json.loads(path.read_text())
-    if run_id is None:
-        record["attempts"] += 1
-    else:
-        record["mlflow_run_id"] = run_id
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record) + "\n")
-    return int(record["attempts"]), record["mlflow_run_id"] or fallback
+    attempts = json.loads(path.read_text())["attempts"] + 1 if path.is_file() else 1
+    atomic_write_text(path, json.dumps({"attempts": attempts}) + "\n")
+    return int(attempts)

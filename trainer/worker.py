@@ -35,6 +35,7 @@ from trainer.engine import (
 from trainer.loop import LoopSettings, LoopState, train
 from trainer.model import count_parameters, load_tokenizer, prepare_model
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.rank_stats import memory_metrics
 from trainer.resume import (
     TrainerState,
     check_compatible,
@@ -110,16 +111,17 @@ def run_worker(
 
     with rank_zero_first():  # rank 0 fills the tokenisation cache, the others read it
         plan, evals = build_data(cfg, tokenizer, rank=rank, world_size=world)
-    attempt, run_id = record_attempt(cfg, job_id, saved) if rank == 0 else (1, None)
-    tracker = start_tracking(cfg, rank=rank, world_size=world, launcher=launcher, run_id=run_id)
+    attempt = record_attempt(cfg, job_id) if rank == 0 else 1
+    run_id = saved.mlflow_run_id if saved else None
+    tracker = start_tracking(
+        cfg, rank=rank, world_size=world, launcher=launcher, run_id=run_id, job_key=job_id
+    )
     if saved and saved.data:
         plan.load_state_dict(saved.data)  # a stream continues where it was, without replaying
     tracker.log_metrics(plan.stats(), step=state.step)  # data set sizes, bad rows skipped
-    if rank == 0:
-        record_attempt(cfg, job_id, saved, tracker.run_id)
-        if attempt > 1:
-            tracker.set_tags({"restarts": str(attempt - 1)})
-            tracker.log_metrics({"restarts": attempt - 1}, step=state.step)
+    if attempt > 1:  # a Ray restart of this launch (rank 0 counts; other ranks' trackers are null)
+        tracker.set_tags({"restarts": str(attempt - 1)})
+        tracker.log_metrics({"restarts": attempt - 1}, step=state.step)
 
     def checkpoint(loop: LoopState, metrics: dict[str, float]) -> None:
         if sink is None:
@@ -142,7 +144,9 @@ def run_worker(
     )  # fmt: skip
 
     def extra_metrics() -> dict[str, float]:
-        return {"preconditioner_fallbacks": float(preconditioner.fallbacks)} if preconditioner else {}
+        """Every rank calls it at the same steps: it may hold a collective."""
+        fallbacks = {"preconditioner_fallbacks": float(preconditioner.fallbacks)} if preconditioner else {}
+        return fallbacks | memory_metrics(device)
 
     try:
         state = train(engine, plan, evals, settings, tracker, state, checkpoint, extra_metrics)
@@ -208,6 +212,7 @@ def _write_outputs(cfg: RunConfig, model: torch.nn.Module, tracker: Tracker, sum
     out = Path(cfg.output.dir)
     save_adapter(state, model, cfg.adapter, cfg.model.path, out / "adapter")
     atomic_write_text(out / "config.yaml", config_lib.to_yaml(cfg))
+    summary.update(tracker.flush())  # queued metrics delivered (or counted as dropped) first
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log_outputs(tracker, out)
+    log_outputs(tracker, cfg.tracking, out)
     log.info("wrote %s (adapter/, config.yaml, summary.json)", out)
