@@ -275,7 +275,10 @@ def test_two_workers_log_one_run_with_params_tags_metrics_and_artefacts(
     assert tags["versions.mlflow"] and tags["versions.deepspeed"] and len(tags["git_commit"]) == 40
 
     rows = _rows(out)
-    assert [int(r["step"]) for r in rows] == list(range(7)), "eval at step 0, then every step"
+    assert sorted({int(r["step"]) for r in rows}) == list(range(7)), (
+        "eval and data stats at step 0, then every step"
+    )
+    assert [int(r["step"]) for r in rows if "loss" in r] == list(range(1, 7))
     _assert_histories_match_jsonl(client, run.info.run_id, rows)
     logged = run.data.metrics
     for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
@@ -286,7 +289,7 @@ def test_two_workers_log_one_run_with_params_tags_metrics_and_artefacts(
         and logged["peak_memory_mb.rank0"] != logged["peak_memory_mb.rank1"]
     ), "each rank reports its own process"
     assert any(k.startswith("system/cpu_utilization") for k in logged), "MLflow system metrics"
-    assert summary["mlflow_metric_rows"] == 7 and summary["mlflow_metric_rows_dropped"] == 0
+    assert summary["mlflow_metric_rows"] == len(rows) == 8 and summary["mlflow_metric_rows_dropped"] == 0
 
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "metrics.jsonl", "loss_curve.png", "adapter"} <= top
@@ -396,7 +399,9 @@ def test_a_server_outage_mid_run_loses_no_metric(
     assert rows_in_outage >= 3, "steps ran while the server was down"
     assert "retrying in the background" in output and "reachable again" in output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["mlflow_metric_rows"] == 25 and summary["mlflow_metric_rows_dropped"] == 0
+    assert (
+        summary["mlflow_metric_rows"] == len(_rows(out)) == 26 and summary["mlflow_metric_rows_dropped"] == 0
+    )
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     _assert_histories_match_jsonl(client, run.info.run_id, _rows(out))
@@ -434,5 +439,6 @@ def test_a_server_unreachable_from_the_start_never_stops_training(
     assert "metrics.jsonl holds them all" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["mlflow_run_id"] is None
-    assert summary["mlflow_metric_rows_dropped"] == summary["mlflow_metric_rows"] == len(_rows(out)) == 4
+    # data stats and eval at step 0, then 3 steps
+    assert summary["mlflow_metric_rows_dropped"] == summary["mlflow_metric_rows"] == len(_rows(out)) == 5
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss_curve.png").is_file()
