@@ -23,7 +23,7 @@ from ray.train.backend import Backend, BackendConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from trainer.config import RunConfig
-from trainer.resume import TrainerState, write_manifest
+from trainer.resume import TrainerState, latest_usable, write_manifest
 from trainer.worker import run_worker
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,10 @@ class _FileStoreBackend(Backend):
 
     def on_start(self, worker_group: Any, backend_config: BackendConfig) -> None:
         assert isinstance(backend_config, _LocalTorchConfig)
-        n, url = len(worker_group), backend_config.store_url
+        # A FileStore serves one rendezvous: every start of the worker group (Ray restarts it after a
+        # failure) meets through a new file.
+        store = Path(backend_config.store_dir) / f".rendezvous-{uuid.uuid4().hex}"
+        n, url = len(worker_group), f"file://{store}"
         ray.get([worker_group.execute_single_async(i, _join_file_store, url, i, n) for i in range(n)])
 
     def on_shutdown(self, worker_group: Any, backend_config: BackendConfig) -> None:
@@ -80,7 +83,7 @@ class _LocalTorchConfig(TorchConfig):
     """A local cluster's process group meets through a FileStore, not Ray's default TCP store: torch's TCP
     store reverse-resolves every peer address (DNS queries, even for 127.0.0.1); a file needs no network."""
 
-    store_url: str = ""
+    store_dir: str = ""
 
     @property
     def backend_cls(self) -> type[Backend]:
@@ -98,14 +101,14 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         RIEMANN_TUNE_RAY_JOB_ID=ray.get_runtime_context().get_job_id(),  # the run's ray_job_id tag
     )
     cfg = RunConfig.model_validate(loop_config["config"])
-    sink = RaySink(cfg.checkpoint.verify_hashes)
-    job = loop_config["job_id"]
-    restart_from = ray.train.get_checkpoint()  # set when Ray restarts the workers after a failure
-    if restart_from is None:
-        run_worker(cfg, sink, launcher="ray", job_id=job)
-        return
-    with restart_from.as_directory() as directory:
-        run_worker(cfg, sink, launcher="ray", job_id=job, resume_from=Path(directory))
+    # After a failure Ray restarts the workers. They continue from the newest whole checkpoint of this
+    # launch on disk rather than from ray.train.get_checkpoint(): Ray registers a reported checkpoint
+    # asynchronously, and a failure right after a report can lose the registration, not the files.
+    restart_from = latest_usable(cfg.checkpoint_root / loop_config["run_name"])
+    run_worker(
+        cfg, RaySink(cfg.checkpoint.verify_hashes), launcher="ray", job_id=loop_config["job_id"],
+        resume_from=restart_from,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -135,8 +138,7 @@ def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
     if d.ray_address:
         ray.init(address=d.ray_address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        store = Path(cfg.output.dir) / f".rendezvous-{uuid.uuid4().hex}"
-        torch_config = _LocalTorchConfig(backend="gloo", store_url=f"file://{store}")
+        torch_config = _LocalTorchConfig(backend="gloo", store_dir=cfg.output.dir)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         cpus = max(os.cpu_count() or 1, int(d.num_workers * d.cpus_per_worker) + 1)
         with _local_cluster_home(Path(cfg.output.dir).parent / ".ray"):
@@ -149,17 +151,18 @@ def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
             )
     try:
         use_gpu = bool(d.use_gpu)
+        # One Ray run per launch: Ray would otherwise restore a same-named run by itself; resuming
+        # across launches is the config's decision (resume=auto finds checkpoints of any launch).
+        run_name = f"{Path(cfg.output.dir).name}-{job_id[:8]}"
         trainer = TorchTrainer(
             _train_fn,
             torch_config=torch_config,
-            train_loop_config={"config": cfg.model_dump(mode="json"), "job_id": job_id},
+            train_loop_config={"config": cfg.model_dump(mode="json"), "job_id": job_id, "run_name": run_name},
             scaling_config=ScalingConfig(
                 num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
             ),
             run_config=ray.train.RunConfig(
-                # One Ray run per launch: Ray would otherwise restore a same-named run by itself;
-                # resuming is the config's decision (resume=auto finds checkpoints of any launch).
-                name=f"{Path(cfg.output.dir).name}-{job_id[:8]}",
+                name=run_name,
                 storage_path=str(cfg.checkpoint_root),
                 failure_config=FailureConfig(max_failures=d.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
