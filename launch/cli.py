@@ -10,7 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from launch.env import apply_defaults, resolve_paths
+from launch.env import apply_defaults, clear_stale_build_locks, resolve_paths
 from launch.runs import DEMO_STORE
 from trainer import config as config_lib
 from trainer.config import ConfigError
@@ -48,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_run(cfg)  # MLflow URI, experiment, run name fixed once, for every worker
     if not spawned_worker:
         prepare_local_store(cfg.tracking)
+        clear_stale_build_locks()
     if cfg.model.build is not None:
         from trainer.tiny import ensure_tiny_model
 

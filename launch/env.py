@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
 from trainer.config import RunConfig
@@ -29,6 +31,32 @@ def apply_defaults() -> dict[str, str]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed (and warned about) by DeepSpeed
     inherited = [*OFFLINE_DEFAULTS, "DS_ACCELERATOR"]
     return {key: os.environ[key] for key in inherited if key in os.environ}
+
+
+def clear_stale_build_locks(max_age_s: float = 900) -> list[Path]:
+    """Remove torch extension build locks left by a killed build; returns the removed paths.
+
+    DeepSpeed compiles its CPU shared-memory op on first use under a lock file that torch waits on
+    forever; a build takes seconds, so a lock older than ``max_age_s`` belongs to a dead process.
+    Called by the launcher before any worker starts.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        locks = Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/lock")
+    else:  # torch adds a folder per Python and accelerator, e.g. py311_cpu/
+        locks = Path(get_default_build_root()).glob("*/*/lock")
+    removed = []
+    for lock in locks:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:
+            continue
+    for lock in removed:
+        logging.getLogger(__name__).warning("removed a stale build lock left by a killed process: %s", lock)
+    return removed
 
 
 def _absolute(path: str) -> str:

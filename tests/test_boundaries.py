@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,19 @@ def test_library_imported_only_at_its_edge(library: str) -> None:
     assert importers <= ALLOWED[library], (
         f"{library} imported outside its edge: {importers - ALLOWED[library]}"
     )
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build killed mid-way leaves torch's lock file behind, and the next run would wait on it forever."""
+    from launch.env import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert clear_stale_build_locks() == [stale]
+    assert not stale.exists() and fresh.exists()

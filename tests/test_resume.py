@@ -145,17 +145,15 @@ class _Exploit:
         return (os.system, ("touch PWNED",))
 
 
-def test_tampered_checkpoint_does_not_execute(
-    make_config: Callable[..., RunConfig], tmp_path: Path, checkpointed: Callable[..., Path]
-) -> None:
+def test_tampered_checkpoint_does_not_execute(make_config: Callable[..., RunConfig], tmp_path: Path) -> None:
     """Even a checkpoint whose manifest was rewritten to match a planted pickle never runs its code."""
-    checkpointed(tmp_path)
+    run_cli("train", str(_config(make_config, tmp_path, "run", "train.max_steps=3")))
     latest = find_checkpoints(tmp_path / "run" / "checkpoints")[-1]
     states = next((latest / "state").rglob("mp_rank_00_model_states.pt"))
     states.write_bytes(pickle.dumps({"module": _Exploit()}))
     write_manifest(latest, "manifest.json")
     with pytest.raises(AssertionError, match="Weights only load failed"):
-        run_cli("train", str(_config(make_config, tmp_path, "run")), "resume=auto", cwd=tmp_path)
+        run_cli("train", str(_config(make_config, tmp_path, "run")), "resume=auto", cwd=tmp_path, timeout=150)
     assert not (tmp_path / "PWNED").exists()
 
 
