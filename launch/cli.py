@@ -1,4 +1,5 @@
-"""The command line: ``python -m launch train CONFIG [section.key=value ...]``."""
+"""The command line: ``python -m launch train CONFIG [section.key=value ...]``,
+``python -m launch merge RUN_DIR_OR_ADAPTER --out DIR``."""
 
 from __future__ import annotations
 
@@ -22,7 +23,24 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. adapter.rank=16 train.max_steps=10"
     )
+    merge = verbs.add_parser("merge", help="fold a trained adapter into its base: a full transformers model")
+    merge.add_argument("source", type=Path, help="a run directory (its adapter/) or an adapter directory")
+    merge.add_argument("--out", type=Path, required=True, help="where to write the merged model directory")
+    merge.add_argument("--base", help="base model path, if not the one recorded with the adapter")
     return parser
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    apply_defaults()
+    from trainer.merge import MergeError, merge_adapter
+
+    try:
+        out = merge_adapter(args.source, args.out, args.base)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -70,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return {"train": cmd_train}[args.verb](args)
+        return {"train": cmd_train, "merge": cmd_merge}[args.verb](args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

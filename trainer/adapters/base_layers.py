@@ -74,6 +74,20 @@ def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Te
     return weight.to(dtype) if dtype is not None else weight
 
 
+def base_bias(module: nn.Module) -> torch.Tensor | None:
+    """The module's bias (None if it has none)."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def conv_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The base convolution (stride, padding, padding mode, dilation, groups) applied with another weight
+    and no bias: how a conv adapter adds its Delta W without flattening the kernel."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        raise TypeError(f"{type(module).__name__} is not a convolution")
+    return module._conv_forward(x, weight.to(x.dtype), None)
+
+
 def set_base_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Overwrite a (non-quantised) base weight given in (out, in, *kernel) layout."""
     if is_quantized(module):
