@@ -8,6 +8,7 @@ references (PEFT, float64 einsum, SVD rule) are in test_adapter_references.py.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -95,17 +96,21 @@ def test_only_adapter_parameters_train_and_all_get_gradients(method: str, base: 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_4bit_base_forward_and_backward_on_cpu(method: str, tiny_model_dir: Path) -> None:
-    """bf16 NF4 base as the demo trains it: init is exact, an eval pass first (the bitsandbytes CPU
-    repack trap, ENVIRONMENT.md), then a train pass where every adapter parameter gets a gradient."""
+    """bf16 NF4 base as the demo trains it. Init is exact; then the bitsandbytes CPU trap (ENVIRONMENT.md):
+    an eval pass first, then a train pass must give the gradients of a model that never ran in eval mode
+    (a repacked layer passes no gradient, silently)."""
     base4 = load_base(tiny_model_dir, "nf4", torch.bfloat16)
-    model = adapted(base4, method, torch.bfloat16)
-    model.eval()
+    model = adapted(base4, method, torch.bfloat16).eval()
     assert torch.equal(logits(model), logits(base4))
-    model.train()
     perturb(model)
-    _loss(model).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all(g is not None and g.isfinite().all() and g.abs().sum() > 0 for g in grads.values())
+    _loss(model.train()).backward()
+    fresh = adapted(load_base(tiny_model_dir, "nf4", torch.bfloat16), method, torch.bfloat16).train()
+    perturb(fresh)
+    _loss(fresh).backward()
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        if p.requires_grad:
+            assert p.grad is not None and q.grad is not None and p.grad.abs().sum() > 0, name
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
 
 
 def _saved(model: nn.Module, method: str, base_path: Path, out: Path) -> Path:
@@ -187,3 +192,41 @@ def test_shape_errors_name_the_module(base: nn.Module) -> None:
     conv = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(ConfigError, match="dora adapts linear layers only"):
         adapted(conv, "dora", target_modules=["0"])
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> nn.Module:
+    """GPT-2 style: every projection is a transformers Conv1D, weight stored (in, out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=512, n_positions=64)).eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_conv1d_base_init_merge_and_gradients(method: str, gpt2: nn.Module) -> None:
+    model = adapted(gpt2, method)
+    assert {type(layer.base_layer).__name__ for _, layer in adapter_layers(model)} == {"Conv1D"}
+    assert torch.equal(logits(model), logits(gpt2))
+    perturb(model)
+    unmerged = logits(model)
+    _loss(model).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(model))
+    if REGISTRY[method].mergeable:
+        for _, layer in adapter_layers(model):
+            layer.merge()
+        assert rel_err(logits(model), unmerged) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_peft_loads_our_conv1d_output(method: str, gpt2: nn.Module, tmp_path: Path) -> None:
+    import copy
+
+    from peft import PeftModel
+
+    model = adapted(gpt2, method)
+    perturb(model)
+    out = _saved(model, method, tmp_path / "base", tmp_path / "adapter")
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    theirs = PeftModel.from_pretrained(copy.deepcopy(gpt2), str(out)).eval()
+    torch.testing.assert_close(logits(theirs), logits(model), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.adapters import REGISTRY, adapter_layers, rank_map
-from trainer.adapters.base_layers import is_supported
+from trainer.adapters.base_layers import is_fan_in_fan_out, is_supported
 from trainer.artifacts import atomic_dir
 from trainer.config import AdapterConfig
 
@@ -68,6 +68,10 @@ def save_adapter(
     ranks = rank_map(model)
     targets = peft_target_modules(model, adapted)
     peft_config = REGISTRY[cfg.method].peft_config(cfg, targets, base_model, ranks)
+    if "fan_in_fan_out" in peft_config:  # GPT-2 style Conv1D bases: PEFT must transpose
+        peft_config["fan_in_fan_out"] = any(
+            is_fan_in_fan_out(layer.base_layer) for _, layer in adapter_layers(model)
+        )
     ours = {
         "adapter": cfg.model_dump(mode="json"),
         "modules": adapted,

@@ -37,6 +37,11 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES + CONV_TYPES)
 
 
+def is_fan_in_fan_out(module: nn.Module) -> bool:
+    """True for transformers' Conv1D, which stores its weight as (in, out) (PEFT's ``fan_in_fan_out``)."""
+    return isinstance(module, Conv1D)
+
+
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
