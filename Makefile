@@ -55,6 +55,7 @@ typecheck: install
 
 bench: install
 	$(PY) -m bench.preconditioner_overhead
+	$(PY) -m bench.data_pipeline
 
 clean:
 	rm -rf runs .cache .pytest_cache .mypy_cache .ruff_cache

@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from launch.env import apply_defaults, resolve_paths
+from launch.runs import DEMO_STORE
 from trainer import config as config_lib
 from trainer.config import ConfigError
 
@@ -23,11 +25,23 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. adapter.rank=16 train.max_steps=10"
     )
+    runs = verbs.add_parser("runs", help="list and compare recent MLflow runs")
+    runs.add_argument("--experiment", help="only this experiment (default: all)")
+    runs.add_argument("--uri", help=f"tracking URI (default: $MLFLOW_TRACKING_URI, else {DEMO_STORE})")
+    runs.add_argument("--limit", type=int, default=20, help="how many runs, newest first")
     merge = verbs.add_parser("merge", help="fold a trained adapter into its base: a full transformers model")
     merge.add_argument("source", type=Path, help="a run directory (its adapter/) or an adapter directory")
     merge.add_argument("--out", type=Path, required=True, help="where to write the merged model directory")
     merge.add_argument("--base", help="base model path, if not the one recorded with the adapter")
     return parser
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from launch.runs import print_runs
+
+    apply_defaults()  # MLflow's telemetry off here too
+
+    return print_runs(args.uri, args.experiment, args.limit)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -47,6 +61,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     spawned_worker = "RANK" in os.environ  # started by a launcher (ours, torchrun, srun): the parent reports
     env = apply_defaults()
     cfg = resolve_paths(config_lib.load(args.config, args.overrides))
+    from trainer.tracking import prepare_local_store, resolve_run
+
+    cfg = resolve_run(cfg)  # MLflow URI, experiment, run name fixed once, for every worker
+    if not spawned_worker:
+        prepare_local_store(cfg.tracking)
     if cfg.model.build is not None:
         from trainer.tiny import ensure_tiny_model
 
@@ -60,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
         from launch.ray_job import run_ray
 
-        run_ray(cfg, env)
+        run_ray(cfg, env, job_id=uuid.uuid4().hex)
     else:
         from launch.local import run_local
 
@@ -88,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return {"train": cmd_train, "merge": cmd_merge}[args.verb](args)
+        return {"train": cmd_train, "runs": cmd_runs, "merge": cmd_merge}[args.verb](args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -41,9 +41,11 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         raw["model"]["build"]["tokenizer_corpus"] = [
             _absolute(p) for p in raw["model"]["build"]["tokenizer_corpus"]
         ]
-    for key in ("train_path", "eval_path"):
+    for key in ("eval_path", "cache_dir"):
         if raw["data"].get(key):
             raw["data"][key] = _absolute(raw["data"][key])
+    for source in raw["data"]["train_path"]:  # globs too: resolve() leaves the pattern intact
+        source["path"] = _absolute(source["path"])
     raw["output"]["dir"] = _absolute(raw["output"]["dir"])
     uri = raw["tracking"].get("uri")
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

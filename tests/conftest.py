@@ -104,3 +104,26 @@ def outbound_connects(strace_log: Path) -> list[str]:
     loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
     lines = [line for line in strace_log.read_text().splitlines() if "AF_INET" in line]
     return [line for line in lines if not any(f'"{a}"' in line for a in loopback)]
+
+
+def start_cli(*args: str, log: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    """``python -m launch ARGS`` in its own process group (so a test can kill it and all its workers)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "launch", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)

@@ -73,6 +73,7 @@ def test_mlflow_run_agrees_with_summary(demo_run: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["adapter.rank"] == "8" and run.data.params["optim.preconditioner"] == "riemannian"
     assert run.data.tags["world_size"] == "2" and run.data.tags["launcher"] == "ray"
+    assert run.data.tags["ray_job_id"] and summary["mlflow_metric_rows_dropped"] == 0
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == list(range(1, 13))
     assert losses[-1].value == pytest.approx(summary["train_loss_last"])

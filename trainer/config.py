@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -172,7 +173,14 @@ class OptimConfig(Section):
     preconditioner: Literal["riemannian", "none"] = "riemannian"
     """riemannian: precondition each (A, B) pair's gradient by its r x r Gram matrices (arXiv 2402.02347)."""
     delta: float = Field(1e-2, ge=0)
-    """Regulariser added to the r x r Gram matrices before the solve (PEFT's default, 1e-2)."""
+    """Regulariser of the r x r systems (see ``damping``); PEFT's default is 1e-2 absolute."""
+    damping: Literal["absolute", "relative"] = "absolute"
+    """absolute: solve (G + delta I); relative: (G + (delta * trace(G) / r + delta_min) I), which scales
+    with the factor, so the same delta suits any model width and init scale."""
+    delta_min: float = Field(1e-8, ge=0)
+    """Floor of the relative damping (B = 0 at init has trace 0)."""
+    solve_dtype: Literal["float32", "float64"] = "float32"
+    """Precision of the r x r solves, whatever the training dtype."""
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule after warm-up."""
     warmup_steps: int = Field(0, ge=0)
@@ -181,13 +189,26 @@ class OptimConfig(Section):
     """Clip the global gradient norm (of the preconditioned gradient) to this; null disables."""
 
 
+class DataSource(Section):
+    """One training source: a file, a glob or a ``datasets.save_to_disk`` directory, with its weight."""
+
+    path: str
+    """Local .jsonl, .json, .csv, .parquet or .arrow file, a glob of them, or a save_to_disk directory."""
+    weight: float = Field(1.0, gt=0)
+    """Relative share of this source in the mixture (probability weight/sum of weights per drawn row)."""
+    split: str = "train"
+    """Split to read when ``path`` is a saved DatasetDict."""
+
+
 class DataConfig(Section):
-    train_path: str
-    """Local jsonl file of training rows."""
+    train_path: list[DataSource]
+    """Training data: a path or glob (see DataSource.path), or a list of sources (paths or mappings)
+    mixed by weight."""
     eval_path: str | None = None
-    """Local jsonl file of evaluation rows; null: no evaluation."""
-    format: Literal["instruction", "text"] = "instruction"
-    """instruction: prompt/response rows rendered with ``prompt_template``; text: one text field."""
+    """Evaluation data (a path or glob); null: none, unless ``eval_fraction`` holds some out."""
+    format: Literal["instruction", "text", "chat"] = "instruction"
+    """instruction: prompt/response fields in ``prompt_template``; text: one text field; chat: a list of
+    {role, content} messages rendered with the chat template."""
     prompt_field: str = "instruction"
     """Field holding the prompt (instruction format)."""
     response_field: str = "response"
@@ -197,9 +218,58 @@ class DataConfig(Section):
     prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
     """Template around the prompt; the response follows it directly, then the EOS token."""
     train_on_prompt: bool = False
-    """False: only response tokens carry loss."""
+    """False: only response (instruction) or assistant (chat) tokens carry loss; True: every token does."""
     max_seq_len: int = Field(256, gt=1)
-    """Examples longer than this are truncated."""
+    """Longest example in tokens (see ``truncate``); with ``packing`` the length of every packed row."""
+    input_field: str = "input"
+    """Optional field with the task's input (Alpaca); when non-empty ``input_template`` is used."""
+    input_template: str = "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n"
+    """Template around prompt and input for rows that have an input (instruction format)."""
+    messages_field: str = "messages"
+    """Field holding the list of {role, content} messages (chat format)."""
+    chat_template: str | None = None
+    """Jinja chat template; null: the tokenizer's, else trainer.data.formats.DEFAULT_CHAT_TEMPLATE."""
+    truncate: bool = True
+    """True: examples longer than ``max_seq_len`` are cut to it; False: they are bad rows."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A row with a missing or mistyped field, no messages, no loss-carrying token, or too long (without
+    ``truncate``): error stops with its file and row; skip drops it and counts it (summary, metrics)."""
+    packing: bool = False
+    """Pack several examples into each row of ``max_seq_len`` tokens (best-fit decreasing); position ids
+    restart per example and attention stays inside it."""
+    shuffle_buffer: int | None = Field(None, gt=0)
+    """Examples shuffled (and packed) together, in consecutive windows of the mixed data; null: the whole
+    data set at once (map-style only). Streaming and map-style runs with the same value see the same
+    batches."""
+    streaming: bool = False
+    """Read the training files as a stream (never all in memory, no tokenisation cache)."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Hold out this fraction of every training source for evaluation (instead of ``eval_path``)."""
+    eval_seed: int = 0
+    """Seed of the held-out split (apart from train.seed, so the split stays fixed across runs)."""
+    cache_dir: str | None = None
+    """Tokenisation cache; null: <datasets cache>/riemann_tune_tokenized. Keyed by tokenizer, encoding
+    settings and file fingerprints (path, size, mtime)."""
+    num_proc: int | None = Field(None, gt=0)
+    """Processes tokenising a file; null: one per CPU (up to 8) for files of 20k rows or more, else 1."""
+
+    @field_validator("train_path", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value
+        return [{"path": s} if isinstance(s, str) else s for s in items] if isinstance(items, list) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.eval_path and self.eval_fraction:
+            raise ValueError("eval_path and eval_fraction are exclusive: choose one evaluation source")
+        if self.streaming and self.shuffle_buffer is None:
+            raise ValueError("streaming needs shuffle_buffer (a number of examples): it cannot shuffle all")
+        if self.streaming and self.eval_fraction:
+            raise ValueError(
+                "streaming cannot hold out eval_fraction (it would read the whole corpus): use eval_path"
+            )
+        return self
 
 
 class DistributedConfig(Section):
@@ -217,6 +287,8 @@ class DistributedConfig(Section):
     """CPUs Ray reserves for each worker."""
     ray_address: str | None = None
     """Existing Ray cluster to join (auto or HOST:PORT); null: start a local one."""
+    max_failures: int = Field(0, ge=0)
+    """Ray: restart the workers from the last checkpoint up to this many times after a failure."""
 
 
 class TrainConfig(Section):
@@ -236,6 +308,11 @@ class TrainConfig(Section):
     """Cap on eval micro-batches per worker; null: the whole eval set."""
     log_every_n_steps: int = Field(1, gt=0)
     """Log metrics every N steps."""
+    max_bad_steps: int = Field(3, gt=0)
+    """Stop with an error after this many optimizer steps in a row with a non-finite loss or gradient
+    (each is skipped: no update); the last good checkpoint is kept."""
+    inject_nonfinite_steps: list[int] = []
+    """Fault injection for tests and drills: make the loss infinite at these steps (1-based)."""
 
 
 class CheckpointConfig(Section):
@@ -243,17 +320,55 @@ class CheckpointConfig(Section):
     """Save a checkpoint every N steps (0: never)."""
     keep_last: int = Field(2, gt=0)
     """How many checkpoints to keep."""
+    verify_hashes: bool = True
+    """Record a sha256 of every checkpoint file and check it on resume (sizes are always checked)."""
 
 
 class TrackingConfig(Section):
     enabled: bool = True
     """Log to MLflow (rank 0 only)."""
     uri: str | None = None
-    """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/../mlflow.db."""
-    experiment: str = "default"
-    """MLflow experiment name."""
+    """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<output.dir>/../mlflow.db. Never
+    credentials (user:password@): they come only from MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN."""
+    experiment: str | None = None
+    """MLflow experiment name; null: $MLFLOW_EXPERIMENT_NAME, else ``default``."""
     run_name: str | None = None
     """MLflow run name; null: the output directory's name."""
+    run_id: str | None = None
+    """An existing MLflow run to continue (a restarted job); null: a new run."""
+    log_adapter: bool = True
+    """Upload the adapter weights as an artefact (its small JSON files, e.g. a rank map, always go)."""
+    registered_model: str | None = None
+    """Register the final adapter as a new version of this MLflow registered model; null: don't."""
+    system_metrics: bool = True
+    """MLflow system metrics of rank 0's node (CPU, memory, disk, network; NVIDIA GPUs with nvidia-ml-py)."""
+    system_metrics_interval_s: float = Field(10.0, gt=0)
+    """Seconds between two system-metrics samples."""
+    queue_size: int = Field(10_000, gt=0)
+    """Metric rows (steps) held for the server during an outage; beyond it the oldest are dropped and
+    counted (metrics.jsonl keeps every row)."""
+    retry_max_s: float = Field(30.0, gt=0)
+    """Longest wait between two attempts to reach the server (the backoff doubles from 0.5 s)."""
+    request_timeout_s: int = Field(30, gt=0)
+    """Timeout of one request to an HTTP tracking server (MLflow's own retries are off: we retry)."""
+    drain_timeout_s: float = Field(60.0, ge=0)
+    """At the end, how long to wait for queued metrics (then again for artefacts) to reach the server."""
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri and urlsplit(uri).username is not None:
+            raise ValueError(
+                "must not contain credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                "(or MLFLOW_TRACKING_TOKEN) in the environment"
+            )
+        return uri
+
+    @model_validator(mode="after")
+    def _registration_needs_weights(self) -> TrackingConfig:
+        if self.registered_model and not self.log_adapter:
+            raise ValueError("registered_model needs log_adapter: true (the version points at the weights)")
+        return self
 
 
 class OutputConfig(Section):
@@ -271,6 +386,14 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig
+    resume: str | None = None
+    """auto: continue from the newest usable checkpoint under <output.dir>/checkpoints (or start fresh);
+    a path: continue from that checkpoint directory; null: start fresh."""
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where checkpoints go and where resume=auto looks."""
+        return Path(self.output.dir) / "checkpoints"
 
     @model_validator(mode="after")
     def _preconditioner_needs_pairs(self) -> RunConfig:

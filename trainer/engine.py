@@ -6,15 +6,20 @@ methods (forward, backward, step, save_checkpoint), never to deepspeed itself.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from trainer.config import RunConfig
@@ -45,8 +50,12 @@ def init_distributed(use_gpu: bool, init_method: str | None = None) -> None:
     )
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config, derived from the typed RunConfig (never written by hand)."""
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config, derived from the typed RunConfig (never written by hand).
+
+    ``load_universal``: the checkpoint to resume from was converted to DeepSpeed's universal format
+    (written with another world size).
+    """
     t, d = cfg.train, cfg.distributed
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.offload_optimizer:
@@ -66,6 +75,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -74,16 +84,124 @@ def build_engine(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: RunConfig,
+    load_universal: bool = False,
 ) -> Any:
     """Wrap model and optimizer in a DeepSpeedEngine (data parallel over the current process group)."""
     world_size = torch.distributed.get_world_size()
+    if cfg.distributed.zero_stage == 0 and cfg.train.dtype == "fp32":
+        # The only configuration where DeepSpeed hands the client optimizer the raw gradients without
+        # checking them first (ZeRO 1-3 and bf16 skip a step whose gradient norm is not finite).
+        optimizer = FiniteStepGuard(optimizer)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(cfg, world_size, load_universal),
     )
     return engine
+
+
+class FiniteStepGuard(torch.optim.Optimizer):
+    """Wraps an optimizer so that a step whose gradients are not all finite changes nothing.
+
+    Used at ZeRO stage 0 in fp32, where every rank holds the same all-reduced gradients, so every rank
+    takes the same decision without communicating.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.inner = inner
+        self.skipped_last = False
+        # Share the inner optimizer's groups and state: DeepSpeed and schedulers read and write them here.
+        self.param_groups = inner.param_groups
+        self.state = inner.state
+        self.defaults = inner.defaults
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.skipped_last = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        if self.skipped_last:
+            self.zero_grad(set_to_none=True)
+            return None
+        return self.inner.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+
+def step_was_skipped(engine: Any) -> bool:
+    """Whether the last optimizer step was skipped for a non-finite gradient (by DeepSpeed or the guard)."""
+    guard = engine.optimizer if isinstance(engine.optimizer, FiniteStepGuard) else None
+    return (guard is not None and guard.skipped_last) or not engine.was_step_applied()
+
+
+# DeepSpeed pickles a few of its own plain data classes into checkpoints; they are safe to rebuild.
+_SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside the block every torch.load is weights-only (DeepSpeed's few data classes allowed).
+
+    DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which would execute
+    whatever a tampered file holds; here such a file fails to load instead.
+    """
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+STATE_TAG = "state"
+UNIVERSAL_TAG = "state_universal"
+
+
+def save_state(engine: Any, directory: Path) -> None:
+    """This rank's shards of the trainable state (adapters, optimizer, scheduler); the frozen base is
+    excluded: it is reloaded from the base model."""
+    engine.save_checkpoint(str(directory), tag=STATE_TAG, save_latest=False, exclude_frozen_parameters=True)
+
+
+def load_state(engine: Any, directory: Path, universal: bool) -> None:
+    """Restore what ``save_state`` wrote (from its universal conversion if the world size changed)."""
+    tag = UNIVERSAL_TAG if universal else STATE_TAG
+    with weights_only_loads():
+        path, _ = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
+    if path is None:
+        raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag {tag!r}")
+
+
+def convert_to_universal(directory: Path) -> None:
+    """Write ``directory/state_universal``: the state re-cut for any world size (run on one rank)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    if (directory / UNIVERSAL_TAG).is_dir():
+        return
+    args = argparse.Namespace(
+        input_folder=str(directory / STATE_TAG),
+        output_folder=str(directory / UNIVERSAL_TAG),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with weights_only_loads():
+        ds_to_universal.main(args)
 
 
 @contextlib.contextmanager

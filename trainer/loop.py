@@ -1,15 +1,16 @@
-"""The training loop: steps, evaluation, metrics and checkpoints. No ray, mlflow or deepspeed imports.
+"""The training loop: steps, evaluation, metrics, checkpoints, bad numbers. No ray or mlflow imports.
 
-The engine is anything with DeepSpeedEngine's forward/backward/step/eval/train; the tracker is a
-``trainer.tracking.Tracker``; checkpointing is a callback the worker provides.
+The engine is a DeepSpeedEngine (forward/backward/step/eval/train); the tracker a
+``trainer.tracking.Tracker``; checkpointing a callback the worker provides.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +19,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trainer.data import IGNORE_INDEX, GlobalBatches, StepBatch
+from trainer.engine import step_was_skipped
 from trainer.tracking import Tracker
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -31,29 +37,36 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def forward_logits(engine: Any, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a micro-batch: every key but ``labels`` is a model input (ids, mask, positions, ...).
+
+    No KV cache: training never reuses one, and with one transformers ignores packed position ids
+    when it builds the attention mask (packed examples would attend across their boundaries).
+    """
+    inputs = {k: v for k, v in micro.items() if k != "labels"}
+    return engine(**inputs, use_cache=False).logits
+
+
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
 
-def forward_logits(engine: Any, micro: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a micro-batch: every key but ``labels`` is a model input (ids, mask, positions, ...)."""
-    return engine(**{k: v for k, v in micro.items() if k != "labels"}).logits
-
-
-def train_step(engine: Any, batch: StepBatch, world_size: int) -> float:
+def train_step(engine: Any, batch: StepBatch, world_size: int, poison: bool = False) -> float:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
     DeepSpeed divides each backward by the accumulation steps and averages over ranks; scaling by both
     and dividing by the global loss-token count makes the gradient a mean over every token of the global
-    batch, however it is cut into ranks and micro-batches.
+    batch, however it is cut into ranks and micro-batches. ``poison`` makes the loss infinite (drills).
     """
     scale = world_size * len(batch.micro_batches) / max(1, batch.global_loss_tokens)
     total = 0.0
     for micro in batch.micro_batches:
         micro = {k: v.to(engine.device) for k, v in micro.items()}
         loss_sum = token_loss_sum(forward_logits(engine, micro), micro["labels"])
+        if poison:
+            loss_sum = loss_sum * math.inf
         engine.backward(loss_sum * scale)
         engine.step()
         total += loss_sum.item()
@@ -74,74 +87,101 @@ def evaluate(engine: Any, batches: list[dict[str, torch.Tensor]]) -> float:
     return total_loss / max(1.0, total_tokens)
 
 
-@dataclass
+@dataclasses.dataclass
 class LoopState:
-    """What the loop measured; the run summary is built from it."""
+    """What the loop has done so far; checkpointed, so a resumed run's summary covers the whole run."""
 
     step: int = 0
-    train_losses: list[float] = field(default_factory=list)
-    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    train_loss_first: float | None = None
+    train_loss_last: float | None = None
+    eval_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     tokens: int = 0
     train_seconds: float = 0.0
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LoopState:
+        return cls(**{**raw, "eval_losses": [(int(s), float(v)) for s, v in raw["eval_losses"]]})
+
+    def record(self, loss: float, skipped: bool, max_bad: int) -> None:
+        """Count a finished step; raise once ``max_bad`` steps in a row were skipped as non-finite."""
+        self.step += 1
+        if skipped:
+            self.skipped_steps += 1
+            self.bad_in_a_row += 1
+            if self.bad_in_a_row >= max_bad:
+                raise NonFiniteTrainingError(
+                    f"{self.bad_in_a_row} optimizer steps in a row (the last at step {self.step}) had a "
+                    "non-finite loss or gradient and were skipped; stopping. The last good checkpoint is "
+                    "kept: lower the learning rate or check the data, then resume with resume=auto."
+                )
+            return
+        self.bad_in_a_row = 0
+        self.train_loss_first = loss if self.train_loss_first is None else self.train_loss_first
+        self.train_loss_last = loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    max_steps: int
+    eval_every: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0
+    max_bad_steps: int = 3
+    poison_steps: frozenset[int] = frozenset()
 
 
 def train(
     engine: Any,
     plan: GlobalBatches,
     eval_data: list[dict[str, torch.Tensor]],
-    *,
-    max_steps: int,
-    eval_every: int,
-    log_every: int,
+    settings: LoopSettings,
     tracker: Tracker,
-    checkpoint: Callable[[int, dict[str, float]], None] | None = None,
-    checkpoint_every: int = 0,
+    state: LoopState,
+    checkpoint: Callable[[LoopState, dict[str, float]], None] | None = None,
     extra_metrics: Callable[[], dict[str, float]] = dict,
-    state: LoopState | None = None,
 ) -> LoopState:
-    state = state or LoopState()
-    world = dist.get_world_size()
+    world, end = dist.get_world_size(), settings.max_steps
     if eval_data and not state.eval_losses:
         state.eval_losses.append((state.step, evaluate(engine, eval_data)))
         tracker.log_metrics({"eval_loss": state.eval_losses[-1][1]}, step=state.step)
-    bar = tqdm(
-        total=max_steps,
-        initial=state.step,
-        desc="train",
-        unit="step",
-        disable=dist.get_rank() != 0,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # logs (SLURM, Ray) get a line every 30 s
-    )
-    while state.step < max_steps:
+    # Logs (SLURM, Ray) get a progress line every 30 s, a terminal a live bar.
+    bar = tqdm(total=end, initial=state.step, desc="train", unit="step", disable=dist.get_rank() != 0,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
+    while state.step < end:
         start = time.perf_counter()
         batch = plan.for_step(state.step)
-        (loss_sum,) = _all_reduce([train_step(engine, batch, world)], engine.device)
-        seconds = time.perf_counter() - start
-        state.step += 1
-        state.train_losses.append(loss_sum / max(1, batch.global_loss_tokens))
-        state.tokens += batch.global_tokens
-        state.train_seconds += seconds
+        poison = state.step + 1 in settings.poison_steps
+        (loss_sum,) = _all_reduce([train_step(engine, batch, world, poison)], engine.device)
+        loss, seconds = loss_sum / max(1, batch.global_loss_tokens), time.perf_counter() - start
+        skipped = step_was_skipped(engine) or not math.isfinite(loss)
+        state.record(loss, skipped, settings.max_bad_steps)
+        state.tokens, state.train_seconds = state.tokens + batch.global_tokens, state.train_seconds + seconds
         metrics = {
-            "loss": state.train_losses[-1],
+            **({} if skipped else {"loss": loss, "grad_norm": float(engine.get_global_grad_norm() or 0.0)}),
             "lr": engine.get_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": batch.global_tokens / seconds,
             "step_time_s": seconds,
             "epoch": batch.epoch,
+            "skipped_steps": state.skipped_steps,
             **batch.metrics,
         }
-        if eval_data and (state.step == max_steps or (eval_every and state.step % eval_every == 0)):
+        if eval_data and (
+            state.step == end or (settings.eval_every and state.step % settings.eval_every == 0)
+        ):
             state.eval_losses.append((state.step, evaluate(engine, eval_data)))
             metrics["eval_loss"] = state.eval_losses[-1][1]
-        if state.step % log_every == 0 or "eval_loss" in metrics:
+        if state.step % settings.log_every == 0 or "eval_loss" in metrics or skipped:
+            # On every rank (the tracker is null on ranks > 0): extra_metrics may gather over ranks.
             tracker.log_metrics(metrics | extra_metrics(), step=state.step)
-        if (
-            checkpoint
-            and checkpoint_every
-            and (state.step % checkpoint_every == 0 or state.step == max_steps)
-        ):
-            checkpoint(state.step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        every = settings.checkpoint_every
+        if checkpoint and every and (state.step % every == 0 or state.step == end) and not state.bad_in_a_row:
+            checkpoint(state, metrics)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update()
     bar.close()
     return state

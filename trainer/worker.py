@@ -12,30 +12,42 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from trainer import config as config_lib
+from trainer.adapters import adapter_layers
 from trainer.artifacts import atomic_write_text
 from trainer.checkpoint import adapter_state_dict, save_adapter
+from trainer.checkpoint_sink import CheckpointSink
 from trainer.config import RunConfig
 from trainer.data import build_data
-from trainer.engine import build_engine, gathered, init_distributed
-from trainer.loop import LoopState, train
+from trainer.engine import (
+    build_engine,
+    convert_to_universal,
+    gathered,
+    init_distributed,
+    load_state,
+    save_state,
+)
+from trainer.loop import LoopSettings, LoopState, train
 from trainer.model import count_parameters, load_tokenizer, prepare_model
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.rank_stats import memory_metrics
+from trainer.resume import (
+    TrainerState,
+    check_compatible,
+    fingerprint,
+    record_attempt,
+    resolve,
+    restore_rng,
+    save_rng,
+)
 from trainer.tracking import Tracker, log_outputs, start_tracking
 
 log = logging.getLogger("trainer")
-
-
-class CheckpointSink(Protocol):
-    """Where a launcher keeps checkpoints: ``staging_dir`` is written by every rank, then ``commit``."""
-
-    def staging_dir(self, step: int) -> Path: ...
-    def commit(self, step: int, staged: Path, metrics: dict[str, float]) -> None: ...
 
 
 def setup_logging(rank: int) -> None:
@@ -64,8 +76,15 @@ def run_worker(
     sink: CheckpointSink | None = None,
     launcher: str = "local",
     init_method: str | None = None,
+    job_id: str | None = None,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` in this worker; rank 0 writes the outputs and returns the summary."""
+    """Train ``cfg`` in this worker; rank 0 writes the outputs. Returns the run summary.
+
+    ``resume_from`` (a checkpoint directory) wins over ``cfg.resume``; Ray passes it when it restarts
+    the workers after a failure. ``job_id`` names one launch, so that restarts within it keep one
+    MLflow run even before the first checkpoint exists.
+    """
     wall_start = time.perf_counter()
     use_gpu = cfg.distributed.use_gpu if cfg.distributed.use_gpu is not None else torch.cuda.is_available()
     init_distributed(use_gpu, init_method)
@@ -74,44 +93,91 @@ def run_worker(
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
+    resume_dir = resume_from or resolve(cfg, cfg.checkpoint_root)
+    saved = TrainerState.read(resume_dir) if resume_dir else None
 
     tokenizer = load_tokenizer(cfg.model.path)
     model = prepare_model(cfg, device)
+    run_fingerprint = fingerprint(cfg, [name for name, _ in adapter_layers(model)])
+    if saved:
+        check_compatible(saved, run_fingerprint, resume_dir)  # type: ignore[arg-type]
     optimizer, preconditioner = build_optimizer(model, cfg.optim)
-    engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.max_steps), cfg)
+    universal = saved is not None and saved.world_size != world and saved.zero_stage > 0
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    engine = build_engine(model, optimizer, scheduler, cfg, load_universal=universal)
+    state = _restore(engine, resume_dir, saved, universal) if saved and resume_dir else LoopState()
     trainable, total = count_parameters(model)
     log.info("world size %d on %s; trainable %d of %d parameters", world, device, trainable, total)
 
     with rank_zero_first():  # rank 0 fills the tokenisation cache, the others read it
         plan, evals = build_data(cfg, tokenizer, rank=rank, world_size=world)
-    tracker = start_tracking(cfg, rank=rank, world_size=world, launcher=launcher)
-    t = cfg.train
+    attempt = record_attempt(cfg, job_id) if rank == 0 else 1
+    run_id = saved.mlflow_run_id if saved else None
+    tracker = start_tracking(
+        cfg, rank=rank, world_size=world, launcher=launcher, run_id=run_id, job_key=job_id
+    )
+    if saved and saved.data:
+        plan.load_state_dict(saved.data)  # a stream continues where it was, without replaying
+    tracker.log_metrics(plan.stats(), step=state.step)  # data set sizes, bad rows skipped
+    if attempt > 1:  # a Ray restart of this launch (rank 0 counts; other ranks' trackers are null)
+        tracker.set_tags({"restarts": str(attempt - 1)})
+        tracker.log_metrics({"restarts": attempt - 1}, step=state.step)
 
-    def extra_metrics() -> dict[str, float]:
-        return {"preconditioner_fallbacks": float(preconditioner.fallbacks)} if preconditioner else {}
-
-    def checkpoint(step: int, metrics: dict[str, float]) -> None:
+    def checkpoint(loop: LoopState, metrics: dict[str, float]) -> None:
         if sink is None:
             return
-        staged = sink.staging_dir(step)
-        engine.save_checkpoint(str(staged), tag="state", client_state={"step": step})
-        sink.commit(step, staged, metrics)
+        staged = sink.staging_dir(loop.step)
+        save_state(engine, staged)
+        save_rng(staged, rank)
+        record = TrainerState(
+            step=loop.step, world_size=world, zero_stage=cfg.distributed.zero_stage,
+            fingerprint=run_fingerprint, manifests=[], loop=loop.to_dict(),
+            mlflow_run_id=tracker.run_id, restarts=attempt - 1, data=plan.state_dict(),
+        )  # fmt: skip
+        sink.seal(staged, record, metrics)
+
+    t = cfg.train
+    settings = LoopSettings(
+        max_steps=t.max_steps, eval_every=t.eval_every_n_steps, log_every=t.log_every_n_steps,
+        checkpoint_every=cfg.checkpoint.every_n_steps, max_bad_steps=t.max_bad_steps,
+        poison_steps=frozenset(t.inject_nonfinite_steps),
+    )  # fmt: skip
+
+    def extra_metrics() -> dict[str, float]:
+        """Every rank calls it at the same steps: it may hold a collective."""
+        fallbacks = {"preconditioner_fallbacks": float(preconditioner.fallbacks)} if preconditioner else {}
+        return fallbacks | memory_metrics(device)
 
     try:
-        state = train(
-            engine, plan, evals,
-            max_steps=t.max_steps, eval_every=t.eval_every_n_steps, log_every=t.log_every_n_steps,
-            tracker=tracker, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint.every_n_steps,
-            extra_metrics=extra_metrics,
-        )  # fmt: skip
+        state = train(engine, plan, evals, settings, tracker, state, checkpoint, extra_metrics)
     except BaseException:
         tracker.finish("FAILED")
         raise
     summary = _summary(state, tracker, trainable, total, world, time.perf_counter() - wall_start)
     if preconditioner:
         summary["preconditioner_fallbacks"] = preconditioner.fallbacks
+    summary["data"] = plan.stats()
     _write_outputs(cfg, model, tracker, summary)
     return summary
+
+
+def _restore(engine: Any, directory: Path, saved: TrainerState, universal: bool) -> LoopState:
+    """Load the trainable state, RNG and loop totals of a checkpoint into a freshly built engine."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if universal:
+        log.warning(
+            "resuming %s, written by %d workers, with %d: adapter and optimizer state are re-partitioned "
+            "through DeepSpeed's universal checkpoint format; RNG streams restart from the seed",
+            directory, saved.world_size, world,
+        )  # fmt: skip
+        if rank == 0:
+            convert_to_universal(directory)
+        dist.barrier()
+    load_state(engine, directory, universal)
+    if universal or not restore_rng(directory, rank):
+        torch.manual_seed(saved.step * 1_000_003 + rank)
+    log.info("resumed from %s at step %d", directory, saved.step)
+    return LoopState.from_dict(saved.loop)
 
 
 def _summary(
@@ -119,8 +185,9 @@ def _summary(
 ) -> dict[str, Any]:
     return {
         "steps": state.step,
-        "train_loss_first": state.train_losses[0],
-        "train_loss_last": state.train_losses[-1],
+        "skipped_steps": state.skipped_steps,
+        "train_loss_first": state.train_loss_first,
+        "train_loss_last": state.train_loss_last,
         "eval_loss_first": state.eval_losses[0][1] if state.eval_losses else None,
         "eval_loss": state.eval_losses[-1][1] if state.eval_losses else None,
         "tokens_per_s": state.tokens / state.train_seconds,
@@ -148,6 +215,7 @@ def _write_outputs(cfg: RunConfig, model: torch.nn.Module, tracker: Tracker, sum
         quantization=cfg.model.quantization, dtype=cfg.train.dtype,
     )  # fmt: skip
     atomic_write_text(out / "config.yaml", config_lib.to_yaml(cfg))
+    summary.update(tracker.flush())  # queued metrics delivered (or counted as dropped) first
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log_outputs(tracker, out)
+    log_outputs(tracker, cfg.tracking, out)
     log.info("wrote %s (adapter/, config.yaml, summary.json)", out)

@@ -1,0 +1,104 @@
+"""The Tracker protocol and the trackers that need no server: NullTracker and MetricsFile.
+
+trainer/tracking.py adds the MLflow one (and re-exports these); the training loop sees only the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Tracker(Protocol):
+    """Where a run's params, tags, metrics and artefacts go. Implementations must not block the loop.
+
+    ``flush`` delivers what is queued (bounded in time) and returns the tracking part of the run's
+    summary (run id, URI, metric rows delivered / dropped); ``finish`` closes the run.
+    """
+
+    @property
+    def run_id(self) -> str | None: ...
+    @property
+    def uri(self) -> str | None: ...
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def register_model(self, name: str, artifact_path: str) -> None: ...
+    def flush(self) -> dict[str, Any]: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Tracks nothing (ranks other than 0, or tracking disabled)."""
+
+    run_id: str | None = None
+    uri: str | None = None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def register_model(self, name: str, artifact_path: str) -> None:
+        pass
+
+    def flush(self) -> dict[str, Any]:
+        return {}
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MetricsFile:
+    """Forwards to another tracker and appends every metrics row to a local jsonl file first.
+
+    The file is the run's own record: it exists whatever happens to the tracking server.
+    """
+
+    def __init__(self, path: Path, inner: Tracker) -> None:
+        self.path = path
+        self.inner = inner
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a")
+
+    @property
+    def run_id(self) -> str | None:
+        return self.inner.run_id
+
+    @property
+    def uri(self) -> str | None:
+        return self.inner.uri
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self.inner.log_params(params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.inner.set_tags(tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+        self.inner.log_metrics(metrics, step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, artifact_path)
+
+    def register_model(self, name: str, artifact_path: str) -> None:
+        self.inner.register_model(name, artifact_path)
+
+    def flush(self) -> dict[str, Any]:
+        return self.inner.flush()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._file.close()
+        self.inner.finish(status)
