@@ -3,13 +3,15 @@ memory relative to LoRA at the same rank, and eval loss after a fixed number of 
 
     python -m bench.adapters [--steps 30] [--rounds 2] [--methods lora,dora,...]
 
-Each method runs in its own process (so peak memory is its own) through the real stack: its
-configs/tiny-cpu-<method>.yaml (4-bit bf16 base, the method's learning rate and preconditioner), rank 8,
-one DeepSpeed ZeRO-2 worker, no tracking. Step time is the median over the steps after the first two,
-in the best of ``--rounds`` interleaved runs.
-Memory: on CPU, the peak resident set sampled during training minus the resident set just before it
-(activations, gradients, optimizer state, the method's temporaries); on a GPU, torch's peak allocation.
-Writes bench/results/adapters.json and adapters.png.
+Each method runs in its own process through the real stack: its configs/tiny-cpu-<method>.yaml (4-bit
+bf16 base, the method's learning rate and preconditioner: riemannian for lora/dora/sara, none for the
+others), rank 8, one DeepSpeed ZeRO-2 worker, no tracking, one torch thread. It trains ``--steps`` steps
+on the data (eval loss before and after), then times 10 more steps on one fixed batch after 2 warm-up
+steps: bf16 CPU kernels keep state per input shape (the resident set grows with every new sequence
+length, adapters or not), so fixed shapes measure the method, not the data. Step time: the median of
+those 10, in the best of ``--rounds`` interleaved runs. Memory: on CPU the peak resident set sampled
+during those steps minus the resident set just before them (activations, gradients, optimizer state,
+the method's temporaries); on a GPU, torch's peak allocation. Writes bench/results/adapters.{json,png}.
 """
 
 from __future__ import annotations
@@ -58,60 +60,84 @@ class PeakSampler:
         self.peak = max(self.peak, _rss_mb())
 
 
-def measure(method: str, steps: int, rank: int) -> dict[str, Any]:
-    """Train ``method`` for ``steps`` steps in this process; what the table reports for it."""
+def _engine(method: str, steps: int, rank: int) -> tuple[Any, Any, Any, Any, Any]:
+    """(run config, engine, model, training plan, eval batches) for ``method`` through the real stack."""
     import torch
 
     from launch.env import apply_defaults, resolve_paths
     from trainer import config as config_lib
-    from trainer.adapters import rank_map
     from trainer.data import build_data
     from trainer.engine import build_engine, init_distributed
-    from trainer.loop import evaluate, train_step
-    from trainer.model import count_parameters, load_tokenizer, prepare_model
+    from trainer.model import load_tokenizer, prepare_model
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.tiny import ensure_tiny_model
 
     apply_defaults()
     overrides = [
-        f"adapter.rank={rank}",
-        "distributed.backend=local",
-        "distributed.num_workers=1",
-        f"train.max_steps={steps}",
-        "tracking.enabled=false",
-        "output.dir=runs/bench-adapters",
+        *(f"adapter.rank={rank}", "distributed.backend=local", "distributed.num_workers=1"),
+        *(f"train.max_steps={steps}", "tracking.enabled=false", "output.dir=runs/bench-adapters"),
     ]
     cfg = resolve_paths(config_lib.load(ROOT / "configs" / f"tiny-cpu-{method}.yaml", overrides))
     assert cfg.model.build is not None
     ensure_tiny_model(cfg.model.path, cfg.model.build)
     gpu = torch.cuda.is_available()
     init_distributed(gpu)
-    device = torch.device("cuda" if gpu else "cpu")
-    model = prepare_model(cfg, device)
+    model = prepare_model(cfg, torch.device("cuda" if gpu else "cpu"))
     optimizer, _ = build_optimizer(model, cfg.optim)
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, steps), cfg)
     plan, evals = build_data(cfg, load_tokenizer(cfg.model.path), rank=0, world_size=1)
-    eval_start = evaluate(engine, evals)
-    ranks = list(rank_map(model).values())
+    return cfg, engine, model, plan, evals
+
+
+def _time_and_memory(engine: Any, batch: Any, repeats: int) -> tuple[list[float], float]:
+    """Step times on one batch repeated, and the training memory of a step (see the module docstring)."""
+    import torch
+
+    from trainer.loop import train_step
+
+    gpu = torch.cuda.is_available()
+    for _ in range(2):  # warm the per-shape kernel caches (bf16 CPU kernels grow RSS for each new shape)
+        train_step(engine, batch, world_size=1)
     before, times = _rss_mb(), []
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     with PeakSampler() as sampler:
-        for step in range(steps):
+        for _ in range(repeats):
             start = time.perf_counter()
-            train_step(engine, plan.for_step(step), world_size=1)
+            train_step(engine, batch, world_size=1)
             if gpu:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    memory = torch.cuda.max_memory_allocated() / 2**20 if gpu else sampler.peak - before
+    return times, torch.cuda.max_memory_allocated() / 2**20 if gpu else sampler.peak - before
+
+
+def measure(method: str, steps: int, rank: int, repeats: int = 10) -> dict[str, Any]:
+    """Train ``method`` for ``steps`` steps, evaluating before and after; then time ``repeats`` more steps
+    on one fixed batch. What the table reports for it."""
+    import torch
+
+    from trainer.adapters import rank_map
+    from trainer.loop import evaluate, train_step
+    from trainer.model import count_parameters
+
+    # One thread: on a small shared machine, thread contention is the largest source of noise, and the
+    # ratios between methods are what this measures.
+    torch.set_num_threads(1)
+    cfg, engine, model, plan, evals = _engine(method, steps, rank)
+    eval_start = evaluate(engine, evals)
+    for step in range(steps):
+        train_step(engine, plan.for_step(step), world_size=1)
+    eval_end = evaluate(engine, evals)
+    times, memory = _time_and_memory(engine, plan.for_step(0), repeats)
+    ranks = list(rank_map(model).values())
     return {
         "method": method,
         "mean_rank": sum(ranks) / len(ranks),
         "trainable_params": count_parameters(model)[0],
-        "step_ms": 1000 * statistics.median(times[2:] or times),
+        "step_ms": 1000 * statistics.median(times),
         "train_memory_mb": memory,
         "eval_loss_start": eval_start,
-        "eval_loss_end": evaluate(engine, evals),
+        "eval_loss_end": eval_end,
         "preconditioner": cfg.optim.preconditioner,
         "lr": cfg.optim.lr,
     }
@@ -129,7 +155,11 @@ def _run_child(method: str, steps: int, rank: int) -> dict[str, Any]:
         "--rank",
         str(rank),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    # A fixed mmap threshold turns off glibc's dynamic one, which a large free (SARA's SVD at injection)
+    # raises, moving later activations onto a heap that never shrinks: RSS would then measure the
+    # allocator's history rather than the method's memory.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -142,6 +142,8 @@ def test_flora_conv_equals_float64_einsum(conv: nn.Module, shape: tuple[int, ...
     want = conv_fn(x.double(), conv.weight.double() + delta, conv.bias.double(), conv.stride, conv.padding,
                    conv.dilation, conv.groups)  # fmt: skip
     assert rel_err(model(x), want) <= 1e-6
+    layer.merge()  # the kernel-shaped Delta W folds into the conv weight as is
+    assert rel_err(model(x), want) <= 1e-6
 
 
 def test_flora_linear_equals_float64_einsum() -> None:
@@ -160,6 +162,8 @@ def test_lora_grouped_conv_equals_float64_reference() -> None:
     delta = s * torch.einsum("or,rikl->oikl", b.flatten(1), a)
     x = torch.randn(2, 6, 5, 5)
     want = F.conv2d(x.double(), conv.weight.double() + delta, conv.bias.double(), padding=1, groups=2)
+    assert rel_err(model(x), want) <= 1e-6
+    model[0].merge()
     assert rel_err(model(x), want) <= 1e-6
 
 

@@ -53,8 +53,6 @@ class MoSARA(Adapter):
     def from_base(
         cls, base_layer: nn.Module, info: BaseLayerInfo, cfg: AdapterConfig, rank: int | None = None
     ) -> Adapter:
-        if info.is_conv:
-            raise ValueError("mosara adapts linear layers only")
         u, s, vh = torch.linalg.svd(base_weight(base_layer, torch.float32), full_matrices=False)
         k = min(rank or svd_rank(s, cfg.sara), s.numel())
         return cls(info, cfg, u[:, :k], vh[:k].T)
