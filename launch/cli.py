@@ -1,4 +1,5 @@
-"""The command line: ``python -m launch train CONFIG [section.key=value ...]``."""
+"""The command line: ``python -m launch train CONFIG [section.key=value ...]``,
+``python -m launch merge RUN_DIR_OR_ADAPTER --out DIR``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--experiment", help="only this experiment (default: all)")
     runs.add_argument("--uri", help=f"tracking URI (default: $MLFLOW_TRACKING_URI, else {DEMO_STORE})")
     runs.add_argument("--limit", type=int, default=20, help="how many runs, newest first")
+    merge = verbs.add_parser("merge", help="fold a trained adapter into its base: a full transformers model")
+    merge.add_argument("source", type=Path, help="a run directory (its adapter/) or an adapter directory")
+    merge.add_argument("--out", type=Path, required=True, help="where to write the merged model directory")
+    merge.add_argument("--base", help="base model path, if not the one recorded with the adapter")
     return parser
 
 
@@ -37,6 +42,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
     apply_defaults()  # MLflow's telemetry off here too
 
     return print_runs(args.uri, args.experiment, args.limit)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    apply_defaults()
+    from trainer.merge import MergeError, merge_adapter
+
+    try:
+        out = merge_adapter(args.source, args.out, args.base)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return {"train": cmd_train, "runs": cmd_runs}[args.verb](args)
+        return {"train": cmd_train, "runs": cmd_runs, "merge": cmd_merge}[args.verb](args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,21 +2,24 @@
 
 An adapter directory holds ``adapter_config.json`` (PEFT's config for the method), ``adapter_model.
 safetensors`` (tensors under PEFT's names: ``base_model.model.<module>.<tensor>``) and
-``riemann_tune.json`` (our own adapter config, so a loader never has to parse PEFT's).
+``riemann_tune.json`` (our own adapter config, the per-module rank map and the base it was trained on, so
+a loader never has to parse PEFT's). Methods PEFT lacks (flora, mosara) use the same layout with our own
+names: docs/adapter-format.md.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.adapters import REGISTRY, adapter_layers
-from trainer.adapters.base_layers import is_supported
+from trainer.adapters import REGISTRY, adapter_layers, rank_map
+from trainer.adapters.base_layers import is_fan_in_fan_out, is_supported
 from trainer.artifacts import atomic_dir
 from trainer.config import AdapterConfig
 
@@ -47,17 +50,68 @@ def peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
 
 
 def save_adapter(
-    state: dict[str, torch.Tensor], model: nn.Module, cfg: AdapterConfig, base_model: str, out_dir: Path
+    state: dict[str, torch.Tensor],
+    model: nn.Module,
+    cfg: AdapterConfig,
+    base_model: str,
+    out_dir: Path,
+    *,
+    quantization: str = "none",
+    dtype: str = "fp32",
 ) -> None:
-    """Write an adapter directory atomically (a crash leaves the previous one intact)."""
+    """Write an adapter directory atomically (a crash leaves the previous one intact).
+
+    ``quantization`` and ``dtype`` describe the base the adapter was trained on, so that a merge can
+    rebuild exactly that base (a 4-bit one dequantised to the compute dtype).
+    """
     adapted = [name for name, _ in adapter_layers(model)]
+    ranks = rank_map(model)
     targets = peft_target_modules(model, adapted)
-    peft_config = REGISTRY[cfg.method].peft_config(cfg, targets, base_model)
+    peft_config = REGISTRY[cfg.method].peft_config(cfg, targets, base_model, ranks)
+    if "fan_in_fan_out" in peft_config:  # GPT-2 style Conv1D bases: PEFT must transpose
+        peft_config["fan_in_fan_out"] = any(
+            is_fan_in_fan_out(layer.base_layer) for _, layer in adapter_layers(model)
+        )
+    ours = {
+        "adapter": cfg.model_dump(mode="json"),
+        "modules": adapted,
+        "ranks": ranks,
+        "base_model": base_model,
+        "quantization": quantization,
+        "dtype": dtype,
+    }
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
-        ours = {"adapter": cfg.model_dump(mode="json"), "modules": adapted, "base_model": base_model}
         (tmp / OUR_CONFIG).write_text(json.dumps(ours, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class SavedAdapter:
+    """Everything an adapter directory holds, as written by ``save_adapter``."""
+
+    cfg: AdapterConfig
+    modules: list[str]
+    ranks: dict[str, int]
+    base_model: str
+    quantization: Literal["nf4", "none"]
+    dtype: Literal["fp32", "bf16"]
+    tensors: dict[str, torch.Tensor]
+
+
+def load_saved_adapter(adapter_dir: Path) -> SavedAdapter:
+    """Read an adapter directory (older ones, without ranks or base description, get the defaults)."""
+    cfg, modules, base_model, tensors = read_adapter(adapter_dir)
+    meta: dict[str, Any] = json.loads((adapter_dir / OUR_CONFIG).read_text())
+    return SavedAdapter(
+        cfg=cfg,
+        modules=modules,
+        ranks={str(k): int(v) for k, v in meta.get("ranks", {}).items()},
+        base_model=base_model,
+        quantization=meta.get("quantization", "none"),
+        dtype=meta.get("dtype", "fp32"),
+        tensors=tensors,
+    )
 
 
 def read_adapter(adapter_dir: Path) -> tuple[AdapterConfig, list[str], str, dict[str, torch.Tensor]]:

@@ -13,7 +13,16 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -67,19 +76,81 @@ class ModelConfig(Section):
     """Attention kernel passed to transformers."""
 
 
+AdapterMethod = Literal["lora", "dora", "bone", "bat", "flora", "sara", "mosara"]
+
+# Methods whose adapters hold low-rank (A, B) factor pairs, the only ones the Riemannian preconditioner
+# can act on (kept in step with each method's ``factor_pairs``; tests/test_adapters.py checks it).
+PAIRED_METHODS: frozenset[str] = frozenset({"lora", "dora", "sara"})
+
+
+class SaraConfig(Section):
+    """SARA's per-module rank rule (also picks Mo-SARA's number of singular directions k).
+
+    k = the smallest k whose leading singular values sum to ``tau`` of the total, clipped to
+    [r_min, r_max] (our reading of arXiv 2408.03290: see docs/METHODS.md).
+    """
+
+    tau: float = Field(0.5, gt=0, le=1)
+    """Fraction of the sum of the base weight's singular values the chosen rank must reach."""
+    r_min: int = Field(1, gt=0)
+    """Smallest rank a module may get."""
+    r_max: int = Field(64, gt=0)
+    """Largest rank a module may get."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SaraConfig:
+        if self.r_min > self.r_max:
+            raise PydanticCustomError("config", "r_min must be <= r_max")
+        return self
+
+
+class MoSaraConfig(Section):
+    """Mo-SARA: E experts of singular-value vectors mixed by a router (the k directions: ``adapter.sara``)."""
+
+    num_experts: int = Field(4, gt=0)
+    """Number E of trainable vectors lambda_e (length k each)."""
+    router_input: Literal["input", "subspace"] = "input"
+    """The router's size. input: g(x) = softmax(W_g x) with W_g (E x in); subspace: W_g = W_s V_k^T with only
+    W_s (E x k) trainable, so the router reads the k coordinates the update uses anyway (E*k parameters)."""
+
+
+class FloraConfig(Section):
+    """FLoRA's Tucker ranks beyond the out/in modes (which use ``adapter.rank``)."""
+
+    spatial_rank: int | None = Field(None, gt=0)
+    """Rank of each kernel mode of a convolution (clipped to the kernel size); null: the full kernel size."""
+
+
 class AdapterConfig(Section):
-    method: Literal["lora"] = "lora"
-    """Adapter method (see docs/METHODS.md)."""
+    method: AdapterMethod = "lora"
+    """Adapter method (docs/METHODS.md): lora, dora, bone, bat, flora, sara or mosara."""
     rank: int = Field(8, gt=0)
-    """Rank r of the low-rank factors."""
+    """Rank r of the low-rank factors (bone/bat: the block size; flora: the out and in mode ranks;
+    sara/mosara: ignored, each module's rank comes from ``adapter.sara``)."""
     alpha: float = Field(16.0, gt=0)
-    """Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    """Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora). Unused by bone, bat
+    and mosara, which have no scale."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on the adapter's input."""
+    """Dropout on the adapter's input (bat has no input path: must be 0)."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module-name suffixes or regexes (``re:...``) to adapt, or all-linear (every Linear but lm_head)."""
+    sara: SaraConfig = SaraConfig()
+    """The SVD rank rule of sara and mosara."""
+    mosara: MoSaraConfig = MoSaraConfig()
+    """Experts and router of mosara."""
+    flora: FloraConfig = FloraConfig()
+    """Kernel-mode ranks of flora on convolutions."""
+
+    @field_validator("dropout")
+    @classmethod
+    def _bat_has_no_dropout(cls, dropout: float, info: ValidationInfo) -> float:
+        if dropout and info.data.get("method") == "bat":
+            raise PydanticCustomError(
+                "config", "bat updates the weight itself, it has no input path to drop: use 0"
+            )
+        return dropout
 
     @property
     def scale(self) -> float:
@@ -323,6 +394,17 @@ class RunConfig(Section):
     def checkpoint_root(self) -> Path:
         """Where checkpoints go and where resume=auto looks."""
         return Path(self.output.dir) / "checkpoints"
+
+    @model_validator(mode="after")
+    def _preconditioner_needs_pairs(self) -> RunConfig:
+        if self.optim.preconditioner == "riemannian" and self.adapter.method not in PAIRED_METHODS:
+            raise PydanticCustomError(
+                "config",
+                "optim.preconditioner: riemannian acts on low-rank (A, B) factor pairs and "
+                "adapter.method={method} has none (only {paired} do): set optim.preconditioner: none",
+                {"method": self.adapter.method, "paired": ", ".join(sorted(PAIRED_METHODS))},
+            )
+        return self
 
     @property
     def global_batch_size(self) -> int:

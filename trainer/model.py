@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from trainer.adapters import freeze_base, inject_adapters
+from trainer.adapters import REGISTRY, freeze_base, inject_adapters, rank_map, rank_table
 from trainer.config import ModelConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ def prepare_model(cfg: RunConfig, device: torch.device) -> PreTrainedModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     log.info("adapted %d modules with %s (rank %d)", len(names), cfg.adapter.method, cfg.adapter.rank)
+    if REGISTRY[cfg.adapter.method].adaptive_rank:
+        log.info("%s ranks from the SVD rule:\n%s", cfg.adapter.method, rank_table(rank_map(model)))
     return model
 
 

@@ -218,7 +218,10 @@ def _write_outputs(cfg: RunConfig, model: torch.nn.Module, tracker: Tracker, sum
     if dist.get_rank() != 0:
         return
     out = Path(cfg.output.dir)
-    save_adapter(state, model, cfg.adapter, cfg.model.path, out / "adapter")
+    save_adapter(
+        state, model, cfg.adapter, cfg.model.path, out / "adapter",
+        quantization=cfg.model.quantization, dtype=cfg.train.dtype,
+    )  # fmt: skip
     atomic_write_text(out / "config.yaml", config_lib.to_yaml(cfg))
     summary.update(tracker.flush())  # queued metrics delivered (or counted as dropped) first
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -6,6 +6,8 @@ from trainer.adapters.inject import (
     find_targets,
     freeze_base,
     inject_adapters,
+    rank_map,
+    rank_table,
 )
 from trainer.adapters.layer import Adapter, AdapterLayer
 from trainer.adapters.registry import REGISTRY
@@ -19,4 +21,6 @@ __all__ = [
     "find_targets",
     "freeze_base",
     "inject_adapters",
+    "rank_map",
+    "rank_table",
 ]

@@ -37,6 +37,11 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES + CONV_TYPES)
 
 
+def is_fan_in_fan_out(module: nn.Module) -> bool:
+    """True for transformers' Conv1D, which stores its weight as (in, out) (PEFT's ``fan_in_fan_out``)."""
+    return isinstance(module, Conv1D)
+
+
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
@@ -72,6 +77,20 @@ def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Te
     else:
         weight = w.detach()
     return weight.to(dtype) if dtype is not None else weight
+
+
+def base_bias(module: nn.Module) -> torch.Tensor | None:
+    """The module's bias (None if it has none)."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def conv_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The base convolution (stride, padding, padding mode, dilation, groups) applied with another weight
+    and no bias: how a conv adapter adds its Delta W without flattening the kernel."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        raise TypeError(f"{type(module).__name__} is not a convolution")
+    return module._conv_forward(x, weight.to(x.dtype), None)
 
 
 def set_base_weight(module: nn.Module, weight: torch.Tensor) -> None:

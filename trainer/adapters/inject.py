@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -35,18 +35,52 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     return chosen
 
 
-def inject_adapters(model: nn.Module, cfg: AdapterConfig, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Replace each target module by an AdapterLayer holding a new ``cfg.method`` adapter (in ``dtype``)."""
+def inject_adapters(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    dtype: torch.dtype = torch.float32,
+    ranks: Mapping[str, int] | None = None,
+) -> list[str]:
+    """Replace each target module by an AdapterLayer holding a new ``cfg.method`` adapter (in ``dtype``).
+
+    ``ranks``: a saved rank map (module name -> rank) for methods that choose ranks per module, so a
+    loaded adapter gets the shapes it was saved with.
+    """
     adapter_cls = REGISTRY[cfg.method]
     names = find_targets(model, cfg.target_modules)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        adapter = adapter_cls.from_base(base, describe(base), cfg)
+        info = describe(base)
+        if info.is_conv and not adapter_cls.supports_conv:
+            conv_methods = ", ".join(m for m, c in REGISTRY.items() if c.supports_conv)
+            raise ConfigError(
+                f"adapter.target_modules: {name} is a {type(base).__name__}; {cfg.method} adapts linear "
+                f"layers only ({conv_methods} adapt convolutions)"
+            )
+        try:
+            adapter = adapter_cls.from_base(base, info, cfg, rank=(ranks or {}).get(name))
+        except ValueError as e:  # a shape the method cannot take (bat's blocks, bone's rank)
+            raise ConfigError(f"{name}: {e}") from None
         adapter.to(device=weight_of(base).device, dtype=dtype)
         setattr(parent, child, AdapterLayer(base, adapter))
     return names
+
+
+def rank_map(model: nn.Module) -> dict[str, int]:
+    """Module name -> the rank of its adapter (per module for sara and mosara)."""
+    return {name: layer.adapter.rank for name, layer in adapter_layers(model)}
+
+
+def rank_table(ranks: Mapping[str, int]) -> str:
+    """The rank map as an aligned text table (what a run logs for adaptive-rank methods)."""
+    width = max((len(n) for n in ranks), default=6)
+    lines = [f"{'module':<{width}}  rank", f"{'-' * width}  ----"]
+    lines += [f"{name:<{width}}  {rank:>4}" for name, rank in ranks.items()]
+    total = sum(ranks.values())
+    lines.append(f"{'(mean)':<{width}}  {total / max(1, len(ranks)):>4.1f}")
+    return "\n".join(lines)
 
 
 def freeze_base(model: nn.Module) -> None:

@@ -17,44 +17,57 @@ PairTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch
 
 
 class Adapter(nn.Module):
-    """The trainable part of one adapted layer. One subclass per method.
+    """The trainable part of one adapted layer. One subclass per method (docs/METHODS.md).
 
-    A method implements ``forward`` (the whole layer output, given the base layer) and ``delta_weight``
-    (for merging), and names its tensors in ``peft_state_dict``. Methods with low-rank (A, B) factor
-    pairs list them in ``factor_pairs`` and pass them through ``self.pairs(A, B)`` in forward so the
-    optimizer can precondition their gradients.
+    A method implements ``forward`` (the whole layer output, given the base layer), ``delta_weight``
+    (Delta W, for merging) and names its tensors in ``peft_state_dict``; ``peft_config`` writes its
+    adapter_config.json. Methods with low-rank (A, B) factor pairs list them in ``factor_pairs`` and pass
+    them through ``self.pairs(A, B)`` in forward so the optimizer can precondition their gradients.
+    ``rank`` is the module's rank (per module for sara/mosara); the saved rank map is made of them.
     """
 
-    mergeable: ClassVar[bool] = True
     method: ClassVar[str]
+    mergeable: ClassVar[bool] = True
+    """False for input-dependent updates (mosara): there is no single Delta W to fold in."""
+    supports_conv: ClassVar[bool] = False
+    """True if the method adapts nn.Conv1d/2d/3d too (lora, sara, flora)."""
+    adaptive_rank: ClassVar[bool] = False
+    """True if each module's rank is chosen from its base weight (sara, mosara); the rank map is logged."""
 
-    def __init__(self, info: BaseLayerInfo) -> None:
+    def __init__(self, info: BaseLayerInfo, rank: int) -> None:
         super().__init__()
         self.info = info
+        self.rank = rank
         self.pair_transform: PairTransform | None = None
 
     @classmethod
-    def from_base(cls, base_layer: nn.Module, info: BaseLayerInfo, cfg: AdapterConfig) -> Adapter:
-        """A new adapter for ``base_layer``; methods that read the base weight at init override this."""
-        return cls(info, cfg)  # type: ignore[call-arg]
+    def from_base(
+        cls, base_layer: nn.Module, info: BaseLayerInfo, cfg: AdapterConfig, rank: int | None = None
+    ) -> Adapter:
+        """A new adapter for ``base_layer``. ``rank``: one chosen earlier (a saved rank map); only methods
+        with per-module ranks use it. Methods that read the base weight at init override this."""
+        return cls(info, cfg)  # type: ignore[arg-type]  # methods take (info, cfg)
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        """Delta W in (out, in, *kernel) layout, given the (dequantised) base weight."""
+        """Delta W in (out, in / groups, *kernel) layout, given the (dequantised) base weight."""
         raise NotImplementedError
 
     def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """The (A, B) pairs the Riemannian preconditioner acts on: A is (r, in), B is (out, r)."""
+        """The (A, B) pairs the Riemannian preconditioner acts on: A is (r, in...), B is (out, r...)."""
         return []
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable tensors under the names PEFT gives them, relative to the adapted module."""
+        """Saved tensors under the names PEFT gives them (ours where PEFT lacks the method), relative to
+        the adapted module. Frozen tensors a method needs (mosara's singular vectors) are included."""
         raise NotImplementedError
 
     @classmethod
-    def peft_config(cls, cfg: AdapterConfig, target_modules: list[str], base_model: str) -> dict[str, Any]:
+    def peft_config(
+        cls, cfg: AdapterConfig, target_modules: list[str], base_model: str, ranks: dict[str, int]
+    ) -> dict[str, Any]:
         """adapter_config.json for PEFT (or, for methods PEFT lacks, our documented equivalent)."""
         raise NotImplementedError
 
@@ -80,7 +93,8 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W0 + dW. The delta is kept so unmerge restores W0 even where dW depends on W0 (DoRA, Bat)."""
+        """W <- W0 + dW, computed in float32. The delta is kept so that ``unmerge`` can subtract the very
+        same tensor even where dW depends on W0 (DoRA, Bat)."""
         if not self.adapter.mergeable:
             raise ValueError(f"{self.adapter.method} adapters are input-dependent and cannot be merged")
         if self.merged:
@@ -92,6 +106,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """W <- W - dW: the base weight back, up to one rounding of the add and the subtract."""
         if not self.merged:
             raise RuntimeError("adapter is not merged")
         w = base_weight(self.base_layer, torch.float32)

@@ -1,0 +1,87 @@
+"""``python -m launch merge``: a plain transformers model with the adapter folded in, the unmerged logits.
+
+The base is 4-bit NF4 (compute dtype float32, so logits can be compared tightly): the merge must rebuild
+that base, dequantise it and add Delta W, giving W = dequant(W0) + Delta W, not W0 + Delta W.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from tests.adapter_cases import MERGEABLE, adapted, adapter_config, load_base, logits, perturb, rel_err
+from tests.conftest import ROOT, run_cli
+from trainer.checkpoint import adapter_state_dict, save_adapter
+from trainer.merge import MergeError, merge_adapter
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def base4(tiny_model_dir: Path) -> nn.Module:
+    return load_base(tiny_model_dir, "nf4", torch.float32).eval()
+
+
+def _trained(base4: nn.Module, method: str, tiny_model_dir: Path, out: Path) -> tuple[nn.Module, Path]:
+    """An adapter with non-zero weights on the 4-bit base, saved as a run would save it."""
+    model = adapted(base4, method).eval()
+    perturb(model)
+    save_adapter(
+        adapter_state_dict(model), model, adapter_config(method), str(tiny_model_dir), out,
+        quantization="nf4", dtype="fp32",
+    )  # fmt: skip
+    return model, out
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merged_model_loads_alone_with_the_unmerged_logits(
+    method: str, base4: nn.Module, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model, adapter_dir = _trained(base4, method, tiny_model_dir, tmp_path / "adapter")
+    merge_adapter(adapter_dir, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config and "auto_map" not in config
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    assert all(type(m).__module__.startswith(("torch", "transformers")) for m in merged.modules())
+    assert rel_err(logits(merged), logits(model)) <= 1e-5
+    assert rel_err(logits(merged), logits(base4)) > 1e-3, "the merge dropped the adapter"
+
+
+@pytest.mark.integration
+def test_cli_merges_a_run_directory(base4: nn.Module, tiny_model_dir: Path, tmp_path: Path) -> None:
+    model, _ = _trained(base4, "dora", tiny_model_dir, tmp_path / "run" / "adapter")
+    proc = run_cli("merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
+    assert "merged model written to" in proc.stdout
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    assert rel_err(logits(merged), logits(model)) <= 1e-5
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_merging_mosara_is_a_clear_error(base4: nn.Module, tiny_model_dir: Path, tmp_path: Path) -> None:
+    _, adapter_dir = _trained(base4, "mosara", tiny_model_dir, tmp_path / "adapter")
+    with pytest.raises(MergeError, match="mosara cannot be merged: its update depends on each input token"):
+        merge_adapter(adapter_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.integration
+def test_cli_refuses_mosara_with_exit_code_2(base4: nn.Module, tiny_model_dir: Path, tmp_path: Path) -> None:
+    _, adapter_dir = _trained(base4, "mosara", tiny_model_dir, tmp_path / "adapter")
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch", "merge", str(adapter_dir), "--out", str(tmp_path / "merged")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stderr and "mosara cannot be merged" in proc.stderr
+
+
+def test_not_an_adapter_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither an adapter directory nor a run directory"):
+        merge_adapter(tmp_path, tmp_path / "merged")
