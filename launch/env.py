@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from trainer.config import RunConfig
 
@@ -51,3 +54,32 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         raw["tracking"]["uri"] = "sqlite:///" + _absolute(uri.removeprefix("sqlite:///"))
     return RunConfig.model_validate(raw)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``; nothing is looked up) is this machine's loopback."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def ray_address_host(address: str) -> str | None:
+    """The host of a Ray cluster address (HOST:PORT, ray://HOST:PORT, or ``auto``), as Ray will find it.
+
+    ``auto`` means $RAY_ADDRESS, else the cluster `ray start` last recorded in <tmp>/ray/ray_current_cluster;
+    None when neither says.
+    """
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or ""
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if not address and current.is_file():
+            address = current.read_text().strip()
+    if not address:
+        return None
+    return urlsplit(address if "://" in address else f"//{address}").hostname
