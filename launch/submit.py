@@ -4,7 +4,9 @@ The job runs ``python -m launch train CONFIG [overrides] distributed.backend=ray
 distributed.ray_address=auto`` on the cluster's head, in a copy of the working directory (the project:
 code, configs, small data) that Ray uploads. What must outlive the job (output.dir, a sqlite MLflow
 store) has to be an absolute path on the cluster's shared filesystem; tokens are never sent with the
-job: the cluster's nodes read them from their own environment.
+job: the cluster's nodes read them from their own environment. The Jobs API is served by Ray's full
+dashboard (``ray[default]``, as in docker/'s images; the project's own dependency, ``ray[train]``, has
+only the minimal one) on the head, on 127.0.0.1 unless the cluster was started otherwise.
 """
 
 from __future__ import annotations

@@ -95,6 +95,7 @@ def test_compose_builds_existing_files_and_binds_loopback() -> None:
         assert context == ROOT and (context / build["dockerfile"]).is_file()
     for name, service in compose["services"].items():
         command = service.get("command", [])
+        command = shlex.split(command) if isinstance(command, str) else command
         if "mlflow" in command:
             assert command[command.index("--host") + 1] == "127.0.0.1", f"compose service {name}"
             assert service.get("network_mode") == "host", f"{name}: 127.0.0.1 must be the host's loopback"
