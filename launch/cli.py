@@ -45,9 +45,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     spawned_worker = "RANK" in os.environ  # started by a launcher (ours, torchrun, srun): the parent reports
     env = apply_defaults()
     cfg = resolve_paths(config_lib.load(args.config, args.overrides))
-    from trainer.tracking import resolve_run
+    from trainer.tracking import prepare_local_store, resolve_run
 
     cfg = resolve_run(cfg)  # MLflow URI, experiment, run name fixed once, for every worker
+    if not spawned_worker:
+        prepare_local_store(cfg.tracking)
     if cfg.model.build is not None:
         from trainer.tiny import ensure_tiny_model
 

@@ -28,7 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from launch.env import is_loopback
 from trainer.config import RunConfig
-from trainer.resume import TrainerState, write_manifest
+from trainer.resume import TrainerState, latest_usable, write_manifest
 from trainer.worker import run_worker
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,10 @@ class _FileStoreBackend(Backend):
 
     def on_start(self, worker_group: Any, backend_config: BackendConfig) -> None:
         assert isinstance(backend_config, _LocalTorchConfig)
-        n, url, backend = len(worker_group), backend_config.store_url, backend_config.backend
+        # A FileStore serves one rendezvous: every start of the worker group (Ray restarts it after a
+        # failure) meets through a new file.
+        store = Path(backend_config.store_dir) / f".rendezvous-{uuid.uuid4().hex}"
+        n, url, backend = len(worker_group), f"file://{store}", backend_config.backend
         ray.get(
             [worker_group.execute_single_async(i, _join_file_store, url, backend, i, n) for i in range(n)]
         )
@@ -92,7 +95,7 @@ class _LocalTorchConfig(TorchConfig):
     store: torch's TCP store reverse-resolves every peer address (DNS queries, even for 127.0.0.1); a file
     needs no network. The file lies in the output directory, which every worker sees."""
 
-    store_url: str = ""
+    store_dir: str = ""
 
     @property
     def backend_cls(self) -> type[Backend]:
@@ -116,14 +119,14 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         flush=True,
     )
     cfg = RunConfig.model_validate(loop_config["config"])
-    sink = RaySink(cfg.checkpoint.verify_hashes)
-    job = loop_config["job_id"]
-    restart_from = ray.train.get_checkpoint()  # set when Ray restarts the workers after a failure
-    if restart_from is None:
-        run_worker(cfg, sink, launcher="ray", job_id=job)
-        return
-    with restart_from.as_directory() as directory:
-        run_worker(cfg, sink, launcher="ray", job_id=job, resume_from=Path(directory))
+    # After a failure Ray restarts the workers. They continue from the newest whole checkpoint of this
+    # launch on disk rather than from ray.train.get_checkpoint(): Ray registers a reported checkpoint
+    # asynchronously, and a failure right after a report can lose the registration, not the files.
+    restart_from = latest_usable(cfg.checkpoint_root / loop_config["run_name"])
+    run_worker(
+        cfg, RaySink(cfg.checkpoint.verify_hashes), launcher="ray", job_id=loop_config["job_id"],
+        resume_from=restart_from,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -180,8 +183,7 @@ def _rendezvous(cfg: RunConfig, use_gpu: bool) -> TorchConfig:
         log.info("the Ray cluster spans several machines: workers meet through Ray's TCP store")
         return TorchConfig(backend=backend)
     log.info("every node of the Ray cluster is on this machine: workers meet through a file store")
-    store = Path(cfg.output.dir) / f".rendezvous-{uuid.uuid4().hex}"
-    return _LocalTorchConfig(backend=backend, store_url=f"file://{store}")
+    return _LocalTorchConfig(backend=backend, store_dir=cfg.output.dir)
 
 
 def _scaling(cfg: RunConfig, use_gpu: bool) -> ScalingConfig:
@@ -208,15 +210,16 @@ def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
     try:
         # use_gpu null: GPUs when the cluster has any (the driver's own node may have none)
         use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        # One Ray run per launch: Ray would otherwise restore a same-named run by itself; resuming
+        # across launches is the config's decision (resume=auto finds checkpoints of any launch).
+        run_name = f"{Path(cfg.output.dir).name}-{job_id[:8]}"
         trainer = TorchTrainer(
             _train_fn,
             torch_config=_rendezvous(cfg, use_gpu),
-            train_loop_config={"config": cfg.model_dump(mode="json"), "job_id": job_id},
+            train_loop_config={"config": cfg.model_dump(mode="json"), "job_id": job_id, "run_name": run_name},
             scaling_config=_scaling(cfg, use_gpu),
             run_config=ray.train.RunConfig(
-                # One Ray run per launch: Ray would otherwise restore a same-named run by itself;
-                # resuming is the config's decision (resume=auto finds checkpoints of any launch).
-                name=f"{Path(cfg.output.dir).name}-{job_id[:8]}",
+                name=run_name,
                 storage_path=str(cfg.checkpoint_root),
                 failure_config=FailureConfig(max_failures=d.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),

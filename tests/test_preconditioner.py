@@ -131,3 +131,20 @@ def test_eval_forward_forms_no_system() -> None:
     with torch.no_grad():
         model(torch.randn(2, 12))
     assert pre.pending == []
+
+
+def test_relative_damping_scales_with_the_factor() -> None:
+    """relative: G + (d tr(G)/r + d_min) I against its closed form in float64."""
+    model = _adapted()
+    x = torch.randn(5, 12)
+    raw = _grads(model, x)
+    RiemannianPreconditioner(0.1, damping="relative").attach(model)
+    scaled = _grads(model, x)
+    layer = model[0].adapter
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    gram_b, gram_a = b.T @ b, a @ a.T
+    eye = torch.eye(3, dtype=torch.float64)
+    want_a = torch.linalg.inv(gram_b + 0.1 * gram_b.trace() / 3 * eye) @ raw["0.adapter.lora_A"].double()
+    want_b = raw["0.adapter.lora_B"].double() @ torch.linalg.inv(gram_a + 0.1 * gram_a.trace() / 3 * eye)
+    torch.testing.assert_close(scaled["0.adapter.lora_A"].double(), want_a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scaled["0.adapter.lora_B"].double(), want_b, rtol=1e-4, atol=1e-6)

@@ -102,7 +102,14 @@ class OptimConfig(Section):
     preconditioner: Literal["riemannian", "none"] = "riemannian"
     """riemannian: precondition each (A, B) pair's gradient by its r x r Gram matrices (arXiv 2402.02347)."""
     delta: float = Field(1e-2, ge=0)
-    """Regulariser added to the r x r Gram matrices before the solve (PEFT's default, 1e-2)."""
+    """Regulariser of the r x r systems (see ``damping``); PEFT's default is 1e-2 absolute."""
+    damping: Literal["absolute", "relative"] = "absolute"
+    """absolute: solve (G + delta I); relative: (G + (delta * trace(G) / r + delta_min) I), which scales
+    with the factor, so the same delta suits any model width and init scale."""
+    delta_min: float = Field(1e-8, ge=0)
+    """Floor of the relative damping (B = 0 at init has trace 0)."""
+    solve_dtype: Literal["float32", "float64"] = "float32"
+    """Precision of the r x r solves, whatever the training dtype."""
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule after warm-up."""
     warmup_steps: int = Field(0, ge=0)

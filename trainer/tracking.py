@@ -102,6 +102,20 @@ def resolve_tracking(cfg: TrackingConfig, output_dir: str) -> TrackingConfig:
     )
 
 
+def prepare_local_store(cfg: TrackingConfig) -> None:
+    """Create a local sqlite store's schema now, once, in the launching process.
+
+    MLflow migrates a new sqlite database on first use (seconds); if the workers did it, a worker killed
+    in the middle (a preemption, a Ray restart) would leave a half-migrated file that no later attempt
+    can open. Remote stores need nothing.
+    """
+    if cfg.enabled and cfg.uri and cfg.uri.startswith("sqlite:///"):
+        from mlflow.tracking import MlflowClient
+
+        Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(tracking_uri=cfg.uri).search_experiments(max_results=1)
+
+
 def resolve_run(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its tracking section resolved (when tracking is on): what a run logs as params."""
     if not cfg.tracking.enabled:

@@ -25,7 +25,9 @@ def build_optimizer(
         raise ValueError("the model has no trainable adapter parameters")
     preconditioner = None
     if cfg.preconditioner == "riemannian":
-        preconditioner = RiemannianPreconditioner(cfg.delta)
+        preconditioner = RiemannianPreconditioner(
+            cfg.delta, getattr(torch, cfg.solve_dtype), damping=cfg.damping, delta_min=cfg.delta_min
+        )
         if preconditioner.attach(model) == 0:
             raise ValueError("optim.preconditioner: riemannian needs an adapter with (A, B) factor pairs")
     optimizer: torch.optim.Optimizer

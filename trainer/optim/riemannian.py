@@ -82,12 +82,24 @@ class _PreconditionGrad(torch.autograd.Function):
 class RiemannianPreconditioner:
     """Owns the per-pair slots of a model and factorises their systems in batches.
 
-    ``delta`` is the regulariser d added to both Gram matrices before the solve.
+    Each Gram matrix G (r x r) is regularised before the solve: ``absolute`` damping adds d I (the paper,
+    PEFT); ``relative`` adds (d trace(G) / r + d_min) I, i.e. d times G's mean eigenvalue, so that the
+    same d means the same conditioning whatever the scale of the factors.
     """
 
-    def __init__(self, delta: float, solve_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        delta: float,
+        solve_dtype: torch.dtype = torch.float32,
+        damping: str = "absolute",
+        delta_min: float = 0.0,
+    ) -> None:
+        if damping not in ("absolute", "relative"):
+            raise ValueError(f"damping must be absolute or relative, not {damping!r}")
         self.delta = delta
         self.solve_dtype = solve_dtype
+        self.damping = damping
+        self.delta_min = delta_min
         self.slots: list[_PairSlot] = []
         self.pending: list[_PairSlot] = []
         self._fallbacks: torch.Tensor | None = None
@@ -125,10 +137,17 @@ class RiemannianPreconditioner:
             for i, slot in enumerate(slots):
                 slot.chol_a, slot.chol_b = chol[i], chol[n + i]
 
+    def regulariser(self, grams: torch.Tensor) -> torch.Tensor:
+        """The damping added to each Gram matrix's diagonal, shape (n, 1, 1)."""
+        if self.damping == "absolute":
+            return grams.new_full((grams.shape[0], 1, 1), self.delta)
+        mean_eig = grams.diagonal(dim1=-2, dim2=-1).mean(-1)
+        return (self.delta * mean_eig + self.delta_min)[:, None, None]
+
     def _cholesky(self, grams: torch.Tensor) -> torch.Tensor:
-        """Batched Cholesky of G + d I; a system that fails (or is not finite) gets the identity."""
+        """Batched Cholesky of G + damping; a system that fails (or is not finite) gets the identity."""
         eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
-        chol, info = torch.linalg.cholesky_ex(grams + self.delta * eye)
+        chol, info = torch.linalg.cholesky_ex(grams + self.regulariser(grams) * eye)
         ok = (info == 0) & chol.isfinite().all(dim=(-2, -1))
         failed = (~ok).sum()
         self._fallbacks = failed if self._fallbacks is None else self._fallbacks + failed
