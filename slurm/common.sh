@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the sbatch scripts (sourced, never run on its own): offline defaults, the virtualenv, the
 # first node's address, and requeue on a signal.
 

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # A Ray cluster across a Slurm allocation, and a run against it. Sourced by ray-cpu.sbatch and
 # ray-gpu.sbatch (read their headers for the options); not run on its own.
 #
