@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -77,7 +76,8 @@ def ray_address_host(address: str) -> str | None:
     """
     if address == "auto":
         address = os.environ.get("RAY_ADDRESS") or ""
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        system_tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"  # Ray's own order
+        current = Path(system_tmp) / "ray" / "ray_current_cluster"
         if not address and current.is_file():
             address = current.read_text().strip()
     if not address:

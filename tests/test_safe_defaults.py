@@ -27,11 +27,8 @@ def test_is_loopback(host: str, loopback: bool) -> None:
 
 
 def test_ray_address_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
     assert ray_address_host("10.1.2.3:6379") == "10.1.2.3"
     assert ray_address_host("ray://head:10001") == "head"
     assert ray_address_host("auto") is None, "no RAY_ADDRESS, no cluster recorded: Ray decides"
