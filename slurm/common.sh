@@ -26,12 +26,17 @@ _node_ip() {
   hostname -I | awk '{print $1}'
 }
 
-# On a signal (preemption; --signal=B:USR1@T before the time limit) stop the run and requeue the job:
-# its next start continues from the last checkpoint (resume=auto). RUN_PID is the run's process.
+# On a signal (preemption; --signal=B:USR1@T before the time limit) stop the run, clean up (CLEANUP,
+# e.g. the Ray cluster) and only then requeue the job, since the requeue makes Slurm kill what is left
+# of it at once. The next start continues from the last checkpoint (resume=auto).
 _on_signal() {
-  trap - USR1 TERM INT  # once: Slurm's own SIGTERM follows the requeue
+  trap - USR1 TERM INT
   _log "signal received: requeueing job $SLURM_JOB_ID (the next start resumes from the last checkpoint)"
-  [[ -n ${RUN_PID:-} ]] && kill -TERM "$RUN_PID" 2>/dev/null
+  if [[ -n ${RUN_PID:-} ]]; then
+    kill -TERM "$RUN_PID" 2>/dev/null || true
+    wait "$RUN_PID" 2>/dev/null || true  # its failure status must not end the script (set -e) here
+  fi
+  "${CLEANUP:-true}"
   scontrol requeue "$SLURM_JOB_ID" || _log "requeue refused (already requeued, or the job is not requeueable)"
   exit 143
 }

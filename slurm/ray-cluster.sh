@@ -98,9 +98,11 @@ PY
 
 ray_cluster_down() {
   trap - EXIT
+  [[ ${#RAY_STEPS[@]} -eq 0 ]] && return 0
   local step
   for step in "${RAY_STEPS[@]}"; do kill -TERM "$step" 2>/dev/null || true; done
   for step in "${RAY_STEPS[@]}"; do wait "$step" 2>/dev/null || true; done
+  RAY_STEPS=()
   _log "Ray cluster stopped"
 }
 
@@ -109,6 +111,7 @@ ray_cluster_train() {
   local cpus=$1 gpus=$2 workers=$3 cpus_per_worker=$4 config=$5
   shift 5
   _activate
+  CLEANUP=ray_cluster_down
   trap ray_cluster_down EXIT
   trap _on_signal USR1 TERM INT
   ray_cluster_up "$cpus" "$gpus"
