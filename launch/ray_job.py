@@ -113,11 +113,12 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         RIEMANN_TUNE_RAY_JOB_ID=ray.get_runtime_context().get_job_id(),  # the run's ray_job_id tag
     )
     # Where each rank landed, in the worker's log (Ray forwards it to the driver): placement made visible.
-    print(
-        f"riemann-tune: rank {ctx.get_world_rank()} of {ctx.get_world_size()} on Ray node "
-        f"{ray.get_runtime_context().get_node_id()}",
-        flush=True,
+    # Not print(): Ray Train also copies printed lines into its own log, so each would show twice.
+    node = ray.get_runtime_context().get_node_id()
+    sys.stdout.write(
+        f"riemann-tune: rank {ctx.get_world_rank()} of {ctx.get_world_size()} on Ray node {node}\n"
     )
+    sys.stdout.flush()
     cfg = RunConfig.model_validate(loop_config["config"])
     # After a failure Ray restarts the workers. They continue from the newest whole checkpoint of this
     # launch on disk rather than from ray.train.get_checkpoint(): Ray registers a reported checkpoint

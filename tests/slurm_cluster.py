@@ -16,6 +16,7 @@ from tests.processes import Daemon, traced
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo")
 
+# cred_expire: a requeued job may start again only once its previous credential expired (default 120 s).
 CONF = """\
 ClusterName=riemann
 SlurmctldHost=localhost(127.0.0.1)
@@ -25,7 +26,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/socket
+AuthInfo=socket={root}/munge/socket,cred_expire=20
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid

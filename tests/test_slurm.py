@@ -86,9 +86,7 @@ def preempted_job(slurm: SlurmCluster, tiny_model_dir: Path) -> Iterator[dict]:
         signalled = slurm.run("scancel", "--signal=USR1", "--batch", job_id)  # what --signal=B:USR1@T sends
         assert signalled.returncode == 0, signalled.stderr
         wait_for(lambda: slurm.job(job_id).get("Restarts") == "1", 120, "the requeue")
-        # Slurm holds a requeued job back for a while (BeginTime); a test need not wait it out.
-        slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-        wait_for(lambda: _state(slurm, job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 900, "the job's end")
+        wait_for(lambda: _state(slurm, job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 1200, "the job's end")
         yield {"id": job_id, "job": slurm.job(job_id), "out": out, "log": log.read_text(), "ray_tmp": ray_tmp}
     finally:
         slurm.run("scancel", job_id)
@@ -137,5 +135,35 @@ def test_nothing_leaves_loopback(slurm: SlurmCluster, preempted_job: dict) -> No
 def test_planted_secret_appears_nowhere(slurm: SlurmCluster, preempted_job: dict) -> None:
     assert SECRET not in preempted_job["log"]
     # The run's outputs and MLflow store (params, tags, artefacts), the job's log and files, Slurm's logs,
-    # and every Ray session log of both starts.
-    assert find_secret(SECRET, slurm.root, preempted_job["ray_tmp"]) == []
+    # and every Ray session log of both starts. Not slurmctld's private state: sbatch hands it the job's
+    # environment, which it keeps (readable by its own user only) to start the requeued job with it.
+    state = slurm.root / "state"
+    assert state.stat().st_mode & 0o077 == 0, "Slurm's state, holding job environments, must be private"
+    written = [p for p in slurm.root.iterdir() if p != state]
+    assert find_secret(SECRET, *written, preempted_job["ray_tmp"]) == []
+
+
+def test_deepspeed_without_ray_trains_through_torchrun(slurm: SlurmCluster, tiny_model_dir: Path) -> None:
+    """slurm/multinode-deepspeed.sbatch on the one node: torchrun starts 2 workers meeting through env://.
+
+    It runs after the loopback check above (file order): torchrun's TCP store may look names up."""
+    out, log = slurm.root / "ds-run", slurm.root / "ds.log"
+    env = slurm.env | {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(ROOT),
+        "PROCS_PER_NODE": "2",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}",
+         f"--output={log}", "slurm/multinode-deepspeed.sbatch", str(DEMO_CONFIG.relative_to(ROOT)),
+         f"model.path={tiny_model_dir}", "model.build=null", "distributed.use_gpu=false", "train.max_steps=3",
+         "checkpoint.every_n_steps=0", "train.eval_every_n_steps=0", "train.eval_max_batches=1",
+         "data.max_seq_len=96", "tracking.enabled=false", f"output.dir={out}"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + (log.read_text()[-4000:] if log.exists() else "")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["world_size"] == 2
+    assert "1 nodes x 2 workers, meeting at 127.0.0.1" in log.read_text()
