@@ -7,11 +7,10 @@ import json
 import logging
 import os
 import sys
-import uuid
 from pathlib import Path
 
 from launch import submit as submit_lib
-from launch.env import apply_defaults, is_loopback, ray_address_host, resolve_paths
+from launch.env import apply_defaults, is_loopback, launch_id, ray_address_host, resolve_paths
 from launch.runs import DEMO_STORE
 from trainer import config as config_lib
 from trainer.config import ConfigError
@@ -64,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
         from launch.ray_job import run_ray
 
-        run_ray(cfg, env, job_id=uuid.uuid4().hex)
+        run_ray(cfg, env, job_id=launch_id(cfg.output.dir))
     else:
         from launch.local import run_local
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -83,3 +84,17 @@ def ray_address_host(address: str) -> str | None:
     if not address:
         return None
     return urlsplit(address if "://" in address else f"//{address}").hostname
+
+
+def launch_id(output_dir: str) -> str:
+    """The id of this launch (Ray run name, restart count, the MLflow run it keeps across restarts).
+
+    A requeued Slurm job is the same launch started again: its id derives from the job, so the new start
+    counts as a restart and continues its MLflow run, even when the checkpoint it resumes from was sealed
+    before the run's id was known. Elsewhere every launch is new.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return uuid.uuid4().hex
+    key = f"slurm:{os.environ.get('SLURM_CLUSTER_NAME', '')}:{job}:{output_dir}"
+    return uuid.uuid5(uuid.NAMESPACE_URL, key).hex

@@ -48,3 +48,17 @@ def test_usage_options_and_requeue_at_the_top(script: Path) -> None:
     assert "Options:" in header and "Tokens" in header
     assert "resume=auto" in text + (ROOT / "slurm" / "ray-cluster.sh").read_text()
     assert "_run_requeueable" in text + (ROOT / "slurm" / "ray-cluster.sh").read_text()
+
+
+def test_a_requeued_slurm_job_keeps_its_launch_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same job (and output) gives the same id, so its next start counts as a restart of the launch."""
+    from launch.env import launch_id
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert launch_id("/runs/a") != launch_id("/runs/a"), "outside Slurm every launch is new"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    first = launch_id("/runs/a")
+    assert first == launch_id("/runs/a") and len(first) == 32
+    assert launch_id("/runs/b") != first, "two runs in one job stay apart"
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    assert launch_id("/runs/a") != first
