@@ -24,9 +24,14 @@ OFFLINE_DEFAULTS = {
 
 def apply_defaults() -> dict[str, str]:
     """Set the offline defaults where the user has not; returns the variables workers must inherit."""
+    import torch
+
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in OFFLINE_DEFAULTS}
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed (and warned about) by DeepSpeed
+    inherited = [*OFFLINE_DEFAULTS, "DS_ACCELERATOR"]
+    return {key: os.environ[key] for key in inherited if key in os.environ}
 
 
 def _absolute(path: str) -> str:

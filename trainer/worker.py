@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,13 @@ log = logging.getLogger("trainer")
 
 
 def setup_logging(rank: int) -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # weights load in a second; N bars are noise
+    # DeepSpeed's CPU path still calls this torch API; nothing a user can act on.
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning
+    )
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
