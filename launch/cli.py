@@ -1,5 +1,9 @@
-"""The command line: ``python -m launch train CONFIG [section.key=value ...]``,
-``python -m launch merge RUN_DIR_OR_ADAPTER --out DIR``."""
+"""The command line: ``python -m launch VERB``.
+
+``train CONFIG [section.key=value ...]`` fine-tunes; ``submit`` sends the same as a Ray Job;
+``runs`` lists and compares recent MLflow runs; ``merge RUN_DIR_OR_ADAPTER --out DIR`` folds an
+adapter into its base.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,17 @@ import json
 import logging
 import os
 import sys
-import uuid
 from pathlib import Path
 
-from launch.env import apply_defaults, clear_stale_build_locks, resolve_paths
+from launch import submit as submit_lib
+from launch.env import (
+    apply_defaults,
+    clear_stale_build_locks,
+    is_loopback,
+    launch_id,
+    ray_address_host,
+    resolve_paths,
+)
 from launch.runs import DEMO_STORE
 from trainer import config as config_lib
 from trainer.config import ConfigError
@@ -25,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. adapter.rank=16 train.max_steps=10"
     )
+    submit_lib.add_parser(verbs)
     runs = verbs.add_parser("runs", help="list and compare recent MLflow runs")
     runs.add_argument("--experiment", help="only this experiment (default: all)")
     runs.add_argument("--uri", help=f"tracking URI (default: $MLFLOW_TRACKING_URI, else {DEMO_STORE})")
@@ -73,14 +85,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         ensure_tiny_model(cfg.model.path, cfg.model.build)
     Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
     if cfg.distributed.backend == "ray":
-        if not cfg.distributed.ray_address:
-            # A local cluster lives on loopback: Ray must not look up (or advertise) the host's address.
-            # Read when ray is first imported, so it is set before.
+        address = cfg.distributed.ray_address
+        if not address or is_loopback(ray_address_host(address) or ""):
+            # A local cluster (or one joined on loopback) lives on loopback: Ray must not look up (or
+            # advertise, or swap 127.0.0.1 for) the host's address. Read when ray is first imported.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
         from launch.ray_job import run_ray
 
-        run_ray(cfg, env, job_id=uuid.uuid4().hex)
+        run_ray(cfg, env, job_id=launch_id(cfg.output.dir))
     else:
         from launch.local import run_local
 
@@ -108,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return {"train": cmd_train, "runs": cmd_runs, "merge": cmd_merge}[args.verb](args)
+        verbs = {"train": cmd_train, "runs": cmd_runs, "merge": cmd_merge, "submit": submit_lib.cmd_submit}
+        return verbs[args.verb](args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from trainer.config import RunConfig
 
@@ -84,3 +87,47 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         raw["tracking"]["uri"] = "sqlite:///" + _absolute(uri.removeprefix("sqlite:///"))
     return RunConfig.model_validate(raw)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``; nothing is looked up) is this machine's loopback."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def ray_address_host(address: str) -> str | None:
+    """The host of a Ray cluster address (HOST:PORT, ray://HOST:PORT, or ``auto``), as Ray will find it.
+
+    ``auto`` means $RAY_ADDRESS, else the cluster `ray start` last recorded in <tmp>/ray/ray_current_cluster;
+    None when neither says.
+    """
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or ""
+        system_tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"  # Ray's own order
+        current = Path(system_tmp) / "ray" / "ray_current_cluster"
+        if not address and current.is_file():
+            address = current.read_text().strip()
+    if not address:
+        return None
+    return urlsplit(address if "://" in address else f"//{address}").hostname
+
+
+def launch_id(output_dir: str) -> str:
+    """The id of this launch (Ray run name, restart count, the MLflow run it keeps across restarts).
+
+    A requeued Slurm job is the same launch started again: its id derives from the job, so the new start
+    counts as a restart and continues its MLflow run, even when the checkpoint it resumes from was sealed
+    before the run's id was known. Elsewhere every launch is new.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return uuid.uuid4().hex
+    key = f"slurm:{os.environ.get('SLURM_CLUSTER_NAME', '')}:{job}:{output_dir}"
+    return uuid.uuid5(uuid.NAMESPACE_URL, key).hex

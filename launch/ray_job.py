@@ -1,4 +1,5 @@
-"""The Ray backend: a Ray Train TorchTrainer whose workers run ``trainer.worker.run_worker``.
+"""The Ray backend: a Ray Train TorchTrainer whose workers run ``trainer.worker.run_worker``, on a local
+cluster it starts or on a cluster it joins; and the submission of a run as a Ray Job.
 
 This is the only module that imports ray.
 """
@@ -9,7 +10,10 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.backend import Backend, BackendConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from launch.env import is_loopback
 from trainer.config import RunConfig
 from trainer.resume import TrainerState, latest_usable, write_manifest
 from trainer.worker import run_worker
@@ -50,10 +55,12 @@ class RaySink:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _join_file_store(url: str, rank: int, world_size: int) -> None:
+def _join_file_store(url: str, backend: str, rank: int, world_size: int) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world_size)
+    # Every peer is on this machine: gloo's pairs talk over loopback, never through a looked-up hostname.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(backend, init_method=url, rank=rank, world_size=world_size)
 
 
 def _leave_group() -> None:
@@ -64,15 +71,19 @@ def _leave_group() -> None:
 
 
 class _FileStoreBackend(Backend):
-    """Sets up gloo through a FileStore: for clusters on one machine (see _LocalTorchConfig)."""
+    """Sets up the process group through a FileStore: for clusters on one machine (see _LocalTorchConfig)."""
+
+    share_cuda_visible_devices: bool = True  # as Ray's torch backend: each worker sees the node's GPUs
 
     def on_start(self, worker_group: Any, backend_config: BackendConfig) -> None:
         assert isinstance(backend_config, _LocalTorchConfig)
         # A FileStore serves one rendezvous: every start of the worker group (Ray restarts it after a
         # failure) meets through a new file.
         store = Path(backend_config.store_dir) / f".rendezvous-{uuid.uuid4().hex}"
-        n, url = len(worker_group), f"file://{store}"
-        ray.get([worker_group.execute_single_async(i, _join_file_store, url, i, n) for i in range(n)])
+        n, url, backend = len(worker_group), f"file://{store}", backend_config.backend
+        ray.get(
+            [worker_group.execute_single_async(i, _join_file_store, url, backend, i, n) for i in range(n)]
+        )
 
     def on_shutdown(self, worker_group: Any, backend_config: BackendConfig) -> None:
         worker_group.execute(_leave_group)
@@ -80,8 +91,9 @@ class _FileStoreBackend(Backend):
 
 @dataclass
 class _LocalTorchConfig(TorchConfig):
-    """A local cluster's process group meets through a FileStore, not Ray's default TCP store: torch's TCP
-    store reverse-resolves every peer address (DNS queries, even for 127.0.0.1); a file needs no network."""
+    """The process group of a cluster on one machine meets through a FileStore, not Ray's default TCP
+    store: torch's TCP store reverse-resolves every peer address (DNS queries, even for 127.0.0.1); a file
+    needs no network. The file lies in the output directory, which every worker sees."""
 
     store_dir: str = ""
 
@@ -100,6 +112,13 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
         LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
         RIEMANN_TUNE_RAY_JOB_ID=ray.get_runtime_context().get_job_id(),  # the run's ray_job_id tag
     )
+    # Where each rank landed, in the worker's log (Ray forwards it to the driver): placement made visible.
+    # Not print(): Ray Train also copies printed lines into its own log, so each would show twice.
+    node = ray.get_runtime_context().get_node_id()
+    sys.stdout.write(
+        f"riemann-tune: rank {ctx.get_world_rank()} of {ctx.get_world_size()} on Ray node {node}\n"
+    )
+    sys.stdout.flush()
     cfg = RunConfig.model_validate(loop_config["config"])
     # After a failure Ray restarts the workers. They continue from the newest whole checkpoint of this
     # launch on disk rather than from ray.train.get_checkpoint(): Ray registers a reported checkpoint
@@ -130,37 +149,76 @@ def _local_cluster_home(root: Path) -> Iterator[None]:
             os.environ["HOME"] = old
 
 
+def _nodes_on_this_machine() -> bool:
+    """Whether every alive node of the connected cluster runs on this machine: all on loopback, or all
+    reporting this host's name (no name lookup either way)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = socket.gethostname()
+    return all(is_loopback(n["NodeManagerAddress"]) for n in nodes) or all(
+        n.get("NodeManagerHostname") == here for n in nodes
+    )
+
+
+def _connect(cfg: RunConfig, env: dict[str, str]) -> None:
+    """ray.init on the configured cluster, or on a new local one bound to loopback."""
+    d = cfg.distributed
+    if d.ray_address:
+        ray.init(address=d.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    cpus = max(os.cpu_count() or 1, int(d.num_workers * d.cpus_per_worker) + 1)
+    with _local_cluster_home(Path(cfg.output.dir).parent / ".ray"):
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=d.ray_dashboard,
+            dashboard_host=d.ray_dashboard_host,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
+
+
+def _rendezvous(cfg: RunConfig, use_gpu: bool) -> TorchConfig:
+    """A file store in the output directory when every node is on this machine, else Ray's TCP store."""
+    backend = "nccl" if use_gpu else "gloo"
+    if cfg.distributed.ray_address and not _nodes_on_this_machine():
+        log.info("the Ray cluster spans several machines: workers meet through Ray's TCP store")
+        return TorchConfig(backend=backend)
+    log.info("every node of the Ray cluster is on this machine: workers meet through a file store")
+    return _LocalTorchConfig(backend=backend, store_dir=cfg.output.dir)
+
+
+def _scaling(cfg: RunConfig, use_gpu: bool) -> ScalingConfig:
+    d = cfg.distributed
+    resources = {"CPU": d.cpus_per_worker} | ({"GPU": d.gpus_per_worker} if use_gpu else {})
+    return ScalingConfig(
+        num_workers=d.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=d.placement_strategy,
+    )
+
+
 def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
     """Run ``cfg`` as a Ray Train job, on ``distributed.ray_address`` or a local cluster it starts."""
     d = cfg.distributed
-    runtime_env = {"env_vars": env}
-    torch_config = TorchConfig()
-    if d.ray_address:
-        ray.init(address=d.ray_address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        torch_config = _LocalTorchConfig(backend="gloo", store_dir=cfg.output.dir)
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        cpus = max(os.cpu_count() or 1, int(d.num_workers * d.cpus_per_worker) + 1)
-        with _local_cluster_home(Path(cfg.output.dir).parent / ".ray"):
-            ray.init(
-                num_cpus=cpus,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                runtime_env=runtime_env,
-                log_to_driver=True,
-            )
+    if d.ray_dashboard and not d.ray_address and not is_loopback(d.ray_dashboard_host):
+        log.warning(
+            "distributed.ray_dashboard_host=%s: the dashboard and Jobs API accept code from anyone who "
+            "reaches them (CVE-2023-48022)",
+            d.ray_dashboard_host,
+        )
+    _connect(cfg, env)
     try:
-        use_gpu = bool(d.use_gpu)
+        # use_gpu null: GPUs when the cluster has any (the driver's own node may have none)
+        use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         # One Ray run per launch: Ray would otherwise restore a same-named run by itself; resuming
         # across launches is the config's decision (resume=auto finds checkpoints of any launch).
         run_name = f"{Path(cfg.output.dir).name}-{job_id[:8]}"
         trainer = TorchTrainer(
             _train_fn,
-            torch_config=torch_config,
+            torch_config=_rendezvous(cfg, use_gpu),
             train_loop_config={"config": cfg.model_dump(mode="json"), "job_id": job_id, "run_name": run_name},
-            scaling_config=ScalingConfig(
-                num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
-            ),
+            scaling_config=_scaling(cfg, use_gpu),
             run_config=ray.train.RunConfig(
                 name=run_name,
                 storage_path=str(cfg.checkpoint_root),
@@ -171,3 +229,28 @@ def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
         trainer.fit()
     finally:
         ray.shutdown()
+
+
+def submit_job(address: str, entrypoint: str, working_dir: Path, excludes: list[str], wait: bool) -> int:
+    """Submit ``entrypoint`` as a Ray Job running in a copy of ``working_dir``; with ``wait``, follow its
+    logs until it ends. Returns 0 when the job succeeded (or was only submitted), else 1."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir), "excludes": excludes}
+    )
+    print(f"submitted Ray job {job_id} to {address}", flush=True)
+    if not wait:
+        return 0
+    shown = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        sys.stdout.write(logs[shown:])
+        sys.stdout.flush()
+        shown = len(logs)
+        if status.is_terminal():
+            print(f"Ray job {job_id}: {status.value}")
+            return 0 if status == JobStatus.SUCCEEDED else 1
+        time.sleep(2)

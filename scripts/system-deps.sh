@@ -4,6 +4,11 @@
 set -u
 want=()
 command -v strace >/dev/null 2>&1 || want+=(strace)
+# a one-node Slurm on localhost (tests/test_slurm.py); munge authenticates its daemons
+command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v sbatch >/dev/null 2>&1 \
+  || want+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || want+=(munge)
+command -v shellcheck >/dev/null 2>&1 || want+=(shellcheck)  # lints slurm/ (tests/test_slurm_scripts.py)
 [ ${#want[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "system-deps: cannot install ${want[*]} (needs root and apt); the tests that use them will skip" >&2

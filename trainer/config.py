@@ -289,6 +289,16 @@ class DistributedConfig(Section):
     """Existing Ray cluster to join (auto or HOST:PORT); null: start a local one."""
     max_failures: int = Field(0, ge=0)
     """Ray: restart the workers from the last checkpoint up to this many times after a failure."""
+    gpus_per_worker: float = Field(1.0, gt=0)
+    """GPUs Ray reserves for each worker when it trains on GPUs (fractions share a GPU)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers' resource bundles on nodes: PACK fills few nodes, SPREAD spreads over
+    many (best effort), STRICT_* insist (and wait for a placement that fits)."""
+    ray_dashboard: bool = False
+    """Start the Ray dashboard (and with it the Jobs API) with the local cluster this run starts."""
+    ray_dashboard_host: str = "127.0.0.1"
+    """Interface the local cluster's dashboard and Jobs API bind to. Anything but loopback lets whoever
+    reaches the port run code on the cluster (CVE-2023-48022): only behind a firewall you control."""
 
 
 class TrainConfig(Section):

@@ -1,0 +1,151 @@
+"""A Ray cluster of two nodes on this machine, joined by a run (distributed.ray_address): its 2 workers
+spread over both nodes, the second node dies mid-run, and the run resumes on what is left and finishes.
+
+The head is a real ``ray start --head``; the second node is started as ``ray.cluster_utils.Cluster`` does
+(tests/ray_node.py says why not ``ray start --address``). Everything keeps to 127.0.0.1, and strace checks
+it; a secret planted in the environment must show up in no log, output or MLflow record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO_CONFIG, ROOT, outbound_connects, wait_for
+from tests.mlflow_server import free_port
+from tests.processes import STRACE, Daemon, find_secret, traced
+from trainer.resume import find_checkpoints
+
+pytestmark = pytest.mark.slow
+
+SECRET = "planted-secret-7f3c9a1e"  # as HF_TOKEN and MLFLOW_TRACKING_TOKEN of every process here
+RAY = Path(sys.executable).parent / "ray"
+MAX_STEPS = 16
+
+
+@dataclass
+class RayCluster:
+    root: Path
+    env: dict[str, str]
+    head: Daemon
+    second: Daemon
+    second_id: str
+    address: str
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    root = tmp_path_factory.mktemp("raycl")  # short: Ray's socket paths must stay under 107 bytes
+    home = root / "home"  # a local provider: Ray's dashboard then probes no cloud metadata address
+    home.mkdir()
+    (home / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HF_TOKEN": SECRET,
+        "MLFLOW_TRACKING_TOKEN": SECRET,
+    }
+    gcs, dashboard, agent = free_port(), free_port(), free_port()  # other Ray clusters may share this host
+    head = Daemon(
+        [*traced(root / "head.strace"), RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={gcs}", "--num-cpus=2", f"--temp-dir={root / 'ray'}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
+        root / "head.log", env,
+    )  # fmt: skip
+    second = None
+    try:
+        current = root / "ray" / "ray_current_cluster"  # written once the head is up
+        wait_for(current.is_file, 180, "the Ray head", head.proc)
+        address = current.read_text().strip()
+        assert address == f"127.0.0.1:{gcs}"
+        node_id = root / "second.id"
+        second = Daemon(
+            [*traced(root / "second.strace"), sys.executable, ROOT / "tests" / "ray_node.py",
+             address, node_id, "1"],
+            root / "second.log", env,
+        )  # fmt: skip
+        wait_for(node_id.is_file, 180, "the second node to join", second.proc)
+        yield RayCluster(root, env, head, second, node_id.read_text().strip(), address)
+    finally:
+        if second is not None:
+            second.kill()
+        head.stop(grace_s=5)
+
+
+@pytest.fixture(scope="module")
+def killed_run(cluster: RayCluster, tiny_model_dir: Path) -> tuple[Path, str]:
+    """The demo config on both nodes; the second node is killed after the first checkpoint."""
+    out = cluster.root / "run"
+    run = Daemon(
+        [*traced(cluster.root / "driver.strace"), sys.executable, "-m", "launch", "train",
+         str(DEMO_CONFIG), f"model.path={tiny_model_dir}", "model.build=null",
+         "distributed.num_workers=2", "distributed.placement_strategy=SPREAD", "distributed.max_failures=1",
+         f"train.max_steps={MAX_STEPS}", "checkpoint.every_n_steps=2", "train.eval_every_n_steps=0",
+         "train.eval_max_batches=1", "data.max_seq_len=96", f"output.dir={out}",
+         f"tracking.uri=sqlite:///{cluster.root / 'mlflow.db'}",
+         f"distributed.ray_address={cluster.address}"],
+        cluster.root / "driver.log", cluster.env,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: find_checkpoints(out / "checkpoints"), 900, "the first checkpoint", run.proc)
+        assert not (out / "summary.json").exists(), "the run finished before the node could be killed"
+        cluster.second.kill()  # raylet, its workers and all: a node lost without warning
+        run.proc.wait(timeout=900)
+    finally:
+        run.kill()
+    log = run.log.read_text()
+    assert run.proc.returncode == 0, log[-5000:]
+    return out, log
+
+
+def test_workers_spread_over_both_nodes_through_a_file_store(cluster: RayCluster, killed_run: tuple) -> None:
+    _, log = killed_run
+    first_attempt = log.split("resumed from", 1)[0]
+    placed = dict(re.findall(r"riemann-tune: rank (\d) of 2 on Ray node (\w+)", first_attempt))
+    assert set(placed) == {"0", "1"}, f"not every rank reported its node: {placed}"
+    assert len(set(placed.values())) == 2 and cluster.second_id in placed.values(), placed
+    assert "every node of the Ray cluster is on this machine: workers meet through a file store" in log
+
+
+def test_losing_a_node_ends_in_a_resumed_finished_run(killed_run: tuple) -> None:
+    from mlflow.tracking import MlflowClient
+
+    out, log = killed_run
+    assert "resumed from" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == MAX_STEPS and summary["world_size"] == 2
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"
+    assert len(client.search_runs([run.info.experiment_id])) == 1, "the restart continued the same run"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert max(m.step for m in losses) == MAX_STEPS
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (make test installs it where it can)")
+def test_no_process_connects_beyond_loopback(cluster: RayCluster, killed_run: tuple) -> None:
+    """Head (and every worker under it), second node, the run's driver."""
+    for name in ("head", "second", "driver"):
+        trace = cluster.root / f"{name}.strace"
+        assert "AF_INET" in trace.read_text(), f"strace saw no socket of the {name}"
+        assert outbound_connects(trace) == [], name
+
+
+def test_planted_secret_appears_nowhere(cluster: RayCluster, killed_run: tuple) -> None:
+    _, log = killed_run
+    assert SECRET not in log
+    # Everything the cluster and the run wrote: outputs, checkpoints, MLflow's store and artefacts (params
+    # and tags included), Ray's session logs of every process, the driver's and head's output.
+    assert find_secret(SECRET, cluster.root) == []
