@@ -93,6 +93,14 @@ def write_config(cfg: RunConfig, path: Path) -> Path:
     return path
 
 
+def has_usable_checkpoint(root: Path) -> bool:
+    """A whole (sealed) checkpoint exists under ``root``: one whose directory merely exists may still be
+    being written, and a kill then would leave nothing to resume from."""
+    from trainer.resume import find_checkpoints, problem
+
+    return any(problem(directory) is None for directory in find_checkpoints(root))
+
+
 def load_adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, ROOT, outbound_connects, wait_for
+from tests.conftest import DEMO_CONFIG, ROOT, has_usable_checkpoint, outbound_connects, wait_for
 from tests.mlflow_server import free_port
 from tests.processes import STRACE, Daemon, find_secret, traced
-from trainer.resume import find_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +98,7 @@ def killed_run(cluster: RayCluster, tiny_model_dir: Path) -> tuple[Path, str]:
         cluster.root / "driver.log", cluster.env,
     )  # fmt: skip
     try:
-        wait_for(lambda: find_checkpoints(out / "checkpoints"), 900, "the first checkpoint", run.proc)
+        wait_for(lambda: has_usable_checkpoint(out / "checkpoints"), 900, "the first checkpoint", run.proc)
         assert not (out / "summary.json").exists(), "the run finished before the node could be killed"
         cluster.second.kill()  # raylet, its workers and all: a node lost without warning
         run.proc.wait(timeout=900)

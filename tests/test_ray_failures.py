@@ -9,9 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import DEMO_CONFIG, start_cli, wait_for
+from tests.conftest import DEMO_CONFIG, has_usable_checkpoint, start_cli, wait_for
 from trainer.checkpoint import read_adapter
-from trainer.resume import find_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,7 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path: Path) -> 
         log=tmp_path / "run.log",
     )  # fmt: skip
     try:
-        wait_for(lambda: find_checkpoints(out / "checkpoints"), 600, "the first checkpoint", proc)
+        wait_for(lambda: has_usable_checkpoint(out / "checkpoints"), 600, "the first checkpoint", proc)
         workers = _train_workers(proc.pid)
         assert len(workers) == 2, f"expected 2 train workers, found {[w.pid for w in workers]}"
         workers[1].send_signal(signal.SIGKILL)

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import load_adapter_tensors, run_cli, start_cli, wait_for, write_config
+from tests.conftest import (
+    has_usable_checkpoint,
+    load_adapter_tensors,
+    run_cli,
+    start_cli,
+    wait_for,
+    write_config,
+)
 from trainer.config import RunConfig
 from trainer.resume import find_checkpoints, write_manifest
 
@@ -79,7 +86,7 @@ def test_killed_run_resumes_to_the_same_adapter(
     config = _config(make_config, tmp_path, "run", *overrides)
     proc = start_cli("train", str(config), log=tmp_path / "killed.log")
     checkpoints = tmp_path / "run" / "checkpoints"
-    wait_for(lambda: find_checkpoints(checkpoints), 300, "the first checkpoint", proc)
+    wait_for(lambda: has_usable_checkpoint(checkpoints), 300, "the first checkpoint", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, mid-run: no clean exit
     proc.wait()
     assert not (tmp_path / "run" / "summary.json").exists(), "the run finished before it was killed"

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, ROOT, outbound_connects, wait_for
+from tests.conftest import DEMO_CONFIG, ROOT, has_usable_checkpoint, outbound_connects, wait_for
 from tests.mlflow_server import free_port
 from tests.processes import STRACE, find_secret
 from tests.slurm_cluster import SlurmCluster, missing
-from trainer.resume import find_checkpoints
 
 MISSING = missing()
 pytestmark = [
@@ -80,7 +79,7 @@ def preempted_job(slurm: SlurmCluster, tiny_model_dir: Path) -> Iterator[dict]:
     job_id = submitted.stdout.strip().split(";")[0]
     try:
         ended = lambda: _state(slurm, job_id) not in ("PENDING", "RUNNING")  # noqa: E731
-        wait_for(lambda: find_checkpoints(out / "checkpoints") or ended(), 900, "the first checkpoint")
+        wait_for(lambda: has_usable_checkpoint(out / "checkpoints") or ended(), 900, "the first checkpoint")
         assert _state(slurm, job_id) == "RUNNING", log.read_text()[-3000:]
         assert not (out / "summary.json").exists(), "the run finished before the preemption signal"
         signalled = slurm.run("scancel", "--signal=USR1", "--batch", job_id)  # what --signal=B:USR1@T sends

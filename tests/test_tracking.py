@@ -25,7 +25,7 @@ from tests.conftest import ROOT, run_cli, write_config
 from tests.mlflow_server import MlflowServer, free_port
 from trainer import config as config_lib
 from trainer.config import ConfigError, RunConfig, TrackingConfig
-from trainer.tracking import MlflowTracker, adapter_artifacts, redact, resolve_tracking
+from trainer.tracking import MlflowTracker, adapter_artifacts, make_tracker, redact, resolve_tracking
 
 SECRET = "tok-5ecret-never-logged-0451"
 
@@ -177,6 +177,34 @@ def test_resuming_a_run_id_continues_the_same_run(sqlite_uri: str, caplog: pytes
         (s, 1.0 / s) for s in range(1, 7)
     ]
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+@pytest.mark.unit
+def test_a_resume_sends_what_the_killed_attempt_queued_and_cuts_the_local_record(
+    sqlite_uri: str, tmp_path: Path
+) -> None:
+    """Killed at step 6 with steps 1-2 still queued, resumed from the checkpoint of step 4: MLflow gets
+    steps 1 and 2 from metrics.jsonl, once; the file forgets steps 5-6, which the resumed run replays."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = _sqlite_tracking(sqlite_uri, "backfill")
+    first = MlflowTracker(cfg)
+    for step in (3, 4, 5):  # what reached the server before the kill
+        first.log_metrics({"loss": 1.0 / step}, step)
+    first.flush()
+    first.finish("KILLED")
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 7)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo')
+    tracker = make_tracker(cfg, str(out), rank=0, run_id=first.run_id, resumed_at=4)
+    tracker.log_metrics({"loss": 1.0 / 5}, 5)
+    tracker.flush()
+    tracker.finish()
+    history = MlflowClient(sqlite_uri).get_metric_history(first.run_id, "loss")  # type: ignore[arg-type]
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 5]  # 5: the killed attempt's and the replay
+    local = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert local == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.unit

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+from trainer.artifacts import atomic_write_text
+
 
 class Tracker(Protocol):
     """Where a run's params, tags, metrics and artefacts go. Implementations must not block the loop.
@@ -27,6 +29,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def register_model(self, name: str, artifact_path: str) -> None: ...
+    def backfill(self, rows: list[tuple[int, dict[str, float]]]) -> None: ...
     def flush(self) -> dict[str, Any]: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
@@ -52,6 +55,9 @@ class NullTracker:
     def register_model(self, name: str, artifact_path: str) -> None:
         pass
 
+    def backfill(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        pass
+
     def flush(self) -> dict[str, Any]:
         return {}
 
@@ -65,11 +71,28 @@ class MetricsFile:
     The file is the run's own record: it exists whatever happens to the tracking server.
     """
 
-    def __init__(self, path: Path, inner: Tracker) -> None:
+    def __init__(self, path: Path, inner: Tracker, resumed_at: int | None = None) -> None:
         self.path = path
         self.inner = inner
         path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None and path.exists():
+            self._resume_at(resumed_at)
         self._file = path.open("a")
+
+    def _resume_at(self, step: int) -> None:
+        """A run resumed from its checkpoint at ``step``: rows of later steps (the cut-short attempt's,
+        which the resumed run replays) leave the file, and the rows up to ``step`` are offered to the
+        inner tracker, which sends those its server lacks (a killed worker never flushed its queue)."""
+        kept: list[dict[str, Any]] = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed writer
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(row)
+        atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        self.inner.backfill([(row.pop("step"), row) for row in kept])
 
     @property
     def run_id(self) -> str | None:
@@ -95,6 +118,9 @@ class MetricsFile:
 
     def register_model(self, name: str, artifact_path: str) -> None:
         self.inner.register_model(name, artifact_path)
+
+    def backfill(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        self.inner.backfill(rows)
 
     def flush(self) -> dict[str, Any]:
         return self.inner.flush()

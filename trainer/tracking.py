@@ -170,6 +170,12 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._sender.submit_rows((step, dict(metrics), int(time.time() * 1000)))
 
+    def backfill(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Send the metric values among ``rows`` that the run lacks (by key and step): a resumed run's
+        record of steps whose rows were queued, never sent, when its previous attempt was killed."""
+        if rows:
+            self._sender.submit(Task("backfill", lambda: self._backfill(rows)))
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         def upload() -> None:
             if path.is_dir():
@@ -319,6 +325,22 @@ class MlflowTracker:
             # A retry after a partial success resends exact duplicates, which the store ignores.
             self.client.log_batch(self._id(), metrics=metrics[i : i + 1000])
 
+    def _backfill(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        from mlflow.entities import Metric
+
+        keys = {key for _, values in rows for key in values}
+        have = {key: {m.step for m in self.client.get_metric_history(self._id(), key)} for key in keys}
+        now = int(time.time() * 1000)
+        missing = [Metric(key, float(value), now, step) for step, values in rows
+                   for key, value in values.items() if step not in have[key]]  # fmt: skip
+        for i in range(0, len(missing), 1000):
+            self.client.log_batch(self._id(), metrics=missing[i : i + 1000])
+        if missing:
+            steps = sorted({m.step for m in missing})
+            log.info("MLflow run %s: sent %d metric values of steps %s again from metrics.jsonl "
+                     "(queued, never sent, when the previous attempt ended)", self._id(), len(missing),
+                     f"{steps[0]}..{steps[-1]}")  # fmt: skip
+
     def _register(self, name: str, artifact_path: str) -> None:
         from mlflow.exceptions import MlflowException
 
@@ -361,16 +383,22 @@ class MlflowTracker:
 
 
 def make_tracker(
-    cfg: TrackingConfig, output_dir: str, rank: int, run_id: str | None = None, job_key: str | None = None
+    cfg: TrackingConfig,
+    output_dir: str,
+    rank: int,
+    run_id: str | None = None,
+    job_key: str | None = None,
+    resumed_at: int | None = None,
 ) -> Tracker:
     """Rank 0: MLflow (if enabled; continuing ``run_id`` if given, or the run of launch ``job_key``)
-    behind a local metrics.jsonl; other ranks: nothing."""
+    behind a local metrics.jsonl (cut back to ``resumed_at``, the checkpoint's step, on a resume);
+    other ranks: nothing."""
     if rank != 0:
         return NullTracker()
     inner: Tracker = NullTracker()
     if cfg.enabled:
         inner = MlflowTracker(resolve_tracking(cfg, output_dir), run_id or cfg.run_id, job_key)
-    return MetricsFile(Path(output_dir) / "metrics.jsonl", inner)
+    return MetricsFile(Path(output_dir) / "metrics.jsonl", inner, resumed_at)
 
 
 def start_tracking(
@@ -381,15 +409,17 @@ def start_tracking(
     launcher: str,
     run_id: str | None = None,
     job_key: str | None = None,
+    resumed_at: int | None = None,
 ) -> Tracker:
     """The run's tracker (rank 0; a null one elsewhere) with the resolved config and tags queued.
 
-    ``run_id`` (or ``tracking.run_id``): continue that MLflow run, e.g. the one a checkpoint recorded.
+    ``run_id`` (or ``tracking.run_id``): continue that MLflow run, e.g. the one a checkpoint recorded;
+    ``resumed_at``: the step of the checkpoint the run resumes from.
     """
     if rank != 0:
         return NullTracker()
     cfg = resolve_run(cfg)
-    tracker = make_tracker(cfg.tracking, cfg.output.dir, rank, run_id, job_key)
+    tracker = make_tracker(cfg.tracking, cfg.output.dir, rank, run_id, job_key, resumed_at)
     params = config_lib.flatten(cfg)
     params.pop("tracking.run_id", None)  # the run's own id, not a setting to compare runs by
     tracker.log_params(params)

@@ -122,8 +122,9 @@ def run_worker(
     attempt = record_attempt(cfg, job_id) if rank == 0 else 1
     run_id = saved.mlflow_run_id if saved else None
     tracker = start_tracking(
-        cfg, rank=rank, world_size=world, launcher=launcher, run_id=run_id, job_key=job_id
-    )
+        cfg, rank=rank, world_size=world, launcher=launcher, run_id=run_id, job_key=job_id,
+        resumed_at=state.step if saved else None,
+    )  # fmt: skip
     if saved and saved.data:
         plan.load_state_dict(saved.data)  # a stream continues where it was, without replaying
     tracker.log_metrics(plan.stats(), step=state.step)  # data set sizes, bad rows skipped
