@@ -30,6 +30,20 @@ from trainer.config import RunConfig, TinyModelSpec  # noqa: E402
 DEMO_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 
+# Modules that start clusters (Ray, Slurm) and run the demo: under pytest-xdist they share one worker.
+CLUSTER_MODULES = {"test_end_to_end", "test_ray_cluster", "test_ray_failures", "test_slurm"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n 2 --dist loadgroup`` (what ``make test`` runs): a module's tests stay on one
+    worker, so its module-scoped runs and servers are built once; the cluster modules share a worker, so
+    two clusters never compete for the cores while the other worker runs everything else."""
+    for item in items:
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        item.add_marker(pytest.mark.xdist_group("clusters" if module in CLUSTER_MODULES else module))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 64-wide Llama with its own tokenizer, built once per session (no pre-training)."""
