@@ -57,7 +57,9 @@ typecheck: install
 
 bench: install
 	$(PY) -m bench.preconditioner_overhead
+	$(PY) -m bench.adapters
 	$(PY) -m bench.data_pipeline
+	$(PY) -m bench.tracking_overhead
 
 clean:
 	rm -rf runs .cache .pytest_cache .mypy_cache .ruff_cache
