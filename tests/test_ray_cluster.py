@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,8 @@ class RayCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    root = tmp_path_factory.mktemp("raycl")  # short: Ray's socket paths must stay under 107 bytes
+    root = tmp_path_factory.mktemp("raycl")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-ray-"))  # short: Ray's socket paths must fit 107 bytes
     home = root / "home"  # a local provider: Ray's dashboard then probes no cloud metadata address
     home.mkdir()
     (home / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
@@ -59,13 +62,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     gcs, dashboard, agent = free_port(), free_port(), free_port()  # other Ray clusters may share this host
     head = Daemon(
         [*traced(root / "head.strace"), RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs}", "--num-cpus=2", f"--temp-dir={root / 'ray'}", "--dashboard-host=127.0.0.1",
+         f"--port={gcs}", "--num-cpus=2", f"--temp-dir={ray_tmp}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
         root / "head.log", env,
     )  # fmt: skip
     second = None
     try:
-        current = root / "ray" / "ray_current_cluster"  # written once the head is up
+        current = ray_tmp / "ray_current_cluster"  # written once the head is up
         wait_for(current.is_file, 180, "the Ray head", head.proc)
         address = current.read_text().strip()
         assert address == f"127.0.0.1:{gcs}"
@@ -81,6 +84,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
         if second is not None:
             second.kill()
         head.stop(grace_s=5)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
