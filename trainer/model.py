@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers import (
@@ -20,6 +19,7 @@ from transformers import (
 )
 
 from trainer.adapters import REGISTRY, freeze_base, inject_adapters, rank_map, rank_table
+from trainer.adapters.base_layers import is_quantized
 from trainer.config import ModelConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,9 @@ def guard_4bit_gradients(model: nn.Module) -> int:
     is repacked for inference, and from then on no gradient flows through it (silently: zero LoRA
     grads, or wrong ZeRO-3 losses). Turning the repack off keeps every later train pass correct.
     """
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    layers = [m for m in model.modules() if is_quantized(m)]
     for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
+        layer.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
     return len(layers)
 
 

@@ -7,9 +7,9 @@ PyTorch's (out, in, *kernel) layout, so the methods' maths never sees a storage 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -43,7 +43,10 @@ def is_fan_in_fan_out(module: nn.Module) -> bool:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, bnb.nn.Linear4bit)
+    """A bitsandbytes 4-bit layer. bitsandbytes is imported only by runs that quantise (its import costs
+    seconds of CPU per process): if it is not loaded, no module can be one of its layers."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
@@ -71,6 +74,8 @@ def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Te
     """The base weight in (out, in, *kernel) layout, dequantised if 4-bit; detached."""
     w = weight_of(module)
     if is_quantized(module):
+        import bitsandbytes as bnb
+
         weight = bnb.functional.dequantize_4bit(w.data, w.quant_state)  # type: ignore[attr-defined]
     elif isinstance(module, Conv1D):
         weight = w.detach().T
