@@ -53,14 +53,15 @@ REFERENCE = {
     "s2-nf4-bf16": "ref-s2-nf4-bf16",
     "s3-nf4-bf16": "ref-s3-nf4-bf16",
 }
-# fp32, element-wise 1e-4: the runs differ only in the order float32 gradients are summed (an all-reduce
+# fp32, element-wise 3e-4: the runs differ only in the order float32 gradients are summed (an all-reduce
 # vs accumulation); Adam's normalisation of the near-zero gradients of the first steps (B = 0) and the
-# preconditioner's 1/delta = 100 amplify those ulps to ~2e-5 after 3 steps at lr 1e-2 (measured 1.2e-5).
+# preconditioner's 1/delta = 100 amplify those ulps after 3 steps at lr 1e-2 (measured: 7e-6 at ZeRO-0/1,
+# 1.3e-5 at ZeRO-2, 3.6e-5 at ZeRO-3, 1.1e-4 at ZeRO-3 over the 4-bit base; plain SGD: 7e-9).
 # A lost or unpreconditioned rank gradient moves the weights by ~1e-2 (the preconditioner's own effect).
 # bf16: a few near-zero gradients round to the other sign and Adam turns that into a full lr-sized step,
 # so the bar is on the whole adapter: relative Frobenius error <= 3e-2 (measured 1.5e-2; the preconditioner
 # on vs off differs by 0.2) and mean absolute difference <= 5e-4 (measured 1.2e-4; on vs off: 5.8e-3).
-FP32_ATOL, BF16_REL_FROBENIUS, BF16_MEAN_ABS = 1e-4, 3e-2, 5e-4
+FP32_ATOL, BF16_REL_FROBENIUS, BF16_MEAN_ABS = 3e-4, 3e-2, 5e-4
 
 
 def _harness(model: Path, out: Path, world: int, accum: int, configs: list[dict]) -> None:

@@ -14,9 +14,9 @@ before DeepSpeed reduces it, with no extra communication under DDP or ZeRO 1-3 a
 result under gradient accumulation. The factors are whole only inside their module's forward (ZeRO-3
 gathers them there), so the r x r Gram matrices are formed in forward by an identity autograd function
 wrapped around (A, B), kept, and used by that function's backward. All pending Gram matrices are
-factorised together in one batched Cholesky (per rank size and device) on the first backward call
-after a forward, and solved in ``solve_dtype`` whatever the training dtype. A system that is singular or
-not finite falls back to the identity for that layer and is counted, never a NaN.
+factorised and inverted together in one batched Cholesky (per rank size and device) on the first
+backward call after a forward, in ``solve_dtype`` whatever the training dtype. A system that is
+singular or not finite falls back to the identity for that layer and is counted, never a NaN.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from trainer.adapters.inject import adapter_layers
 class _PairSlot:
     """The r x r state of one (A, B) pair: Gram matrices from the last forward and their factors."""
 
-    __slots__ = ("chol_a", "chol_b", "gram_a", "gram_b", "owner")
+    __slots__ = ("gram_a", "gram_b", "inv_a", "inv_b", "owner")
 
     def __init__(self, owner: RiemannianPreconditioner) -> None:
         self.owner = owner
         self.gram_a: torch.Tensor | None = None  # A A^T
         self.gram_b: torch.Tensor | None = None  # B^T B
-        self.chol_a: torch.Tensor | None = None
-        self.chol_b: torch.Tensor | None = None
+        self.inv_a: torch.Tensor | None = None  # (A A^T + D)^-1
+        self.inv_b: torch.Tensor | None = None  # (B^T B + D)^-1
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _PreconditionGrad.apply(a, b, self)
@@ -54,14 +54,14 @@ class _PairSlot:
     def solve_a(self, grad: torch.Tensor) -> torch.Tensor:
         """(B^T B + d I)^-1 g_A."""
         self.owner.factorize_pending()
-        assert self.chol_b is not None
-        return torch.cholesky_solve(grad.to(self.chol_b.dtype), self.chol_b).to(grad.dtype)
+        assert self.inv_b is not None
+        return (self.inv_b @ grad.to(self.inv_b.dtype)).to(grad.dtype)
 
     def solve_b(self, grad: torch.Tensor) -> torch.Tensor:
-        """g_B (A A^T + d I)^-1, as ((A A^T + d I)^-1 g_B^T)^T since the system is symmetric."""
+        """g_B (A A^T + d I)^-1."""
         self.owner.factorize_pending()
-        assert self.chol_a is not None
-        return torch.cholesky_solve(grad.T.to(self.chol_a.dtype), self.chol_a).T.to(grad.dtype)
+        assert self.inv_a is not None
+        return (grad.to(self.inv_a.dtype) @ self.inv_a).to(grad.dtype)
 
 
 class _PreconditionGrad(torch.autograd.Function):
@@ -132,10 +132,10 @@ class RiemannianPreconditioner:
         self.pending = []
         for slots in groups.values():
             grams = torch.stack([s.gram_a for s in slots] + [s.gram_b for s in slots])  # type: ignore[arg-type]
-            chol = self._cholesky(grams)
+            inv = self._inverse(grams)
             n = len(slots)
             for i, slot in enumerate(slots):
-                slot.chol_a, slot.chol_b = chol[i], chol[n + i]
+                slot.inv_a, slot.inv_b = inv[i], inv[n + i]
 
     def regulariser(self, grams: torch.Tensor) -> torch.Tensor:
         """The damping added to each Gram matrix's diagonal, shape (n, 1, 1)."""
@@ -144,11 +144,15 @@ class RiemannianPreconditioner:
         mean_eig = grams.diagonal(dim1=-2, dim2=-1).mean(-1)
         return (self.delta * mean_eig + self.delta_min)[:, None, None]
 
-    def _cholesky(self, grams: torch.Tensor) -> torch.Tensor:
-        """Batched Cholesky of G + damping; a system that fails (or is not finite) gets the identity."""
+    def _inverse(self, grams: torch.Tensor) -> torch.Tensor:
+        """(G + damping)^-1 of every system from one batched Cholesky; a system that fails (or is not
+        finite) gets the identity. Applying an r x r inverse in backward is one GEMM per gradient, several
+        times faster than a triangular solve with as many right-hand sides on CPU and GPU alike."""
         eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
         chol, info = torch.linalg.cholesky_ex(grams + self.regulariser(grams) * eye)
         ok = (info == 0) & chol.isfinite().all(dim=(-2, -1))
+        inv = torch.cholesky_inverse(torch.where(ok[:, None, None], chol, eye))
+        ok &= inv.isfinite().all(dim=(-2, -1))
         failed = (~ok).sum()
         self._fallbacks = failed if self._fallbacks is None else self._fallbacks + failed
-        return torch.where(ok[:, None, None], chol, eye)
+        return torch.where(ok[:, None, None], inv, eye)
