@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -79,12 +80,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
             root / "second.log", env,
         )  # fmt: skip
         wait_for(node_id.is_file, 180, "the second node to join", second.proc)
+        # The node exists before its resources reach the head's scheduler: a placement group made in
+        # between sees one node and SPREAD (best effort) puts both workers on the head.
+        wait_for(lambda: _head_sees(address, env, "second_node"), 180, "the head to see the second node")
         yield RayCluster(root, env, head, second, node_id.read_text().strip(), address)
     finally:
         if second is not None:
             second.kill()
         head.stop(grace_s=5)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _head_sees(address: str, env: dict[str, str], resource: str) -> bool:
+    status = subprocess.run([RAY, "status", f"--address={address}"], env=env, capture_output=True, text=True)
+    return f" {resource}" in status.stdout
 
 
 @pytest.fixture(scope="module")
