@@ -30,11 +30,29 @@ def run_local(cfg: RunConfig) -> dict[str, Any] | None:
     spawned = "RANK" in os.environ
     if cfg.distributed.num_workers == 1 or spawned:
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "local"
-        return run_worker(
-            cfg, DirectorySink(cfg), launcher=launcher, init_method=os.environ.get(INIT_METHOD_ENV)
-        )
+        try:
+            summary = run_worker(
+                cfg, DirectorySink(cfg), launcher=launcher, init_method=os.environ.get(INIT_METHOD_ENV)
+            )
+            _leave_group(together=True)
+            return summary
+        except BaseException:
+            _leave_group(together=False)
+            raise
     spawn_workers(cfg)
     return None
+
+
+def _leave_group(together: bool) -> None:
+    """Close the process group before the interpreter exits: left to exit-time destructors, gloo's
+    threads can abort a rank whose peer has already gone ("terminate called without an active
+    exception"), failing a run that finished. ``together``: wait for every rank first."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def spawn_workers(cfg: RunConfig) -> None:
