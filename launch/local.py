@@ -34,16 +34,16 @@ def run_local(cfg: RunConfig) -> dict[str, Any] | None:
             summary = run_worker(
                 cfg, DirectorySink(cfg), launcher=launcher, init_method=os.environ.get(INIT_METHOD_ENV)
             )
-            _leave_group(together=True)
+            leave_process_group(together=True)
             return summary
         except BaseException:
-            _leave_group(together=False)
+            leave_process_group(together=False)
             raise
     spawn_workers(cfg)
     return None
 
 
-def _leave_group(together: bool) -> None:
+def leave_process_group(together: bool = False) -> None:
     """Close the process group before the interpreter exits: left to exit-time destructors, gloo's
     threads can abort a rank whose peer has already gone ("terminate called without an active
     exception"), failing a run that finished. ``together``: wait for every rank first."""

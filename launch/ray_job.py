@@ -27,6 +27,7 @@ from ray.train.backend import Backend, BackendConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from launch.env import is_loopback
+from launch.local import leave_process_group
 from trainer.config import RunConfig
 from trainer.resume import TrainerState, latest_usable, write_manifest
 from trainer.worker import run_worker
@@ -63,13 +64,6 @@ def _join_file_store(url: str, backend: str, rank: int, world_size: int) -> None
     dist.init_process_group(backend, init_method=url, rank=rank, world_size=world_size)
 
 
-def _leave_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 class _FileStoreBackend(Backend):
     """Sets up the process group through a FileStore: for clusters on one machine (see _LocalTorchConfig)."""
 
@@ -86,7 +80,7 @@ class _FileStoreBackend(Backend):
         )
 
     def on_shutdown(self, worker_group: Any, backend_config: BackendConfig) -> None:
-        worker_group.execute(_leave_group)
+        worker_group.execute(leave_process_group)
 
 
 @dataclass
