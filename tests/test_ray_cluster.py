@@ -2,8 +2,9 @@
 spread over both nodes, the second node dies mid-run, and the run resumes on what is left and finishes.
 
 The head is a real ``ray start --head``; the second node is started as ``ray.cluster_utils.Cluster`` does
-(tests/ray_node.py says why not ``ray start --address``). Everything keeps to 127.0.0.1, and strace checks
-it; a secret planted in the environment must show up in no log, output or MLflow record.
+(tests/ray_node.py says why not ``ray start --address``); tests/ray_hold.py holds one of the head's CPUs
+while the run places its workers, so they must use both nodes. Everything keeps to 127.0.0.1, and strace
+checks it; a secret planted in the environment must show up in no log, output or MLflow record.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
         wait_for(node_id.is_file, 180, "the second node to join", second.proc)
         # The node exists before its resources reach the head's scheduler: a placement group made in
         # between sees one node and SPREAD (best effort) puts both workers on the head.
-        wait_for(lambda: _head_sees(address, env, "second_node"), 180, "the head to see the second node")
+        wait_for(lambda: _status_shows(address, env, " second_node"), 180, "the head to see the second node")
         yield RayCluster(root, env, head, second, node_id.read_text().strip(), address)
     finally:
         if second is not None:
@@ -91,32 +92,44 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _head_sees(address: str, env: dict[str, str], resource: str) -> bool:
+def _status_shows(address: str, env: dict[str, str], text: str) -> bool:
     status = subprocess.run([RAY, "status", f"--address={address}"], env=env, capture_output=True, text=True)
-    return f" {resource}" in status.stdout
+    return text in status.stdout
 
 
 @pytest.fixture(scope="module")
 def killed_run(cluster: RayCluster, tiny_model_dir: Path) -> tuple[Path, str]:
     """The demo config on both nodes; the second node is killed after the first checkpoint."""
     out = cluster.root / "run"
-    run = Daemon(
-        [*traced(cluster.root / "driver.strace"), sys.executable, "-m", "launch", "train",
-         str(DEMO_CONFIG), f"model.path={tiny_model_dir}", "model.build=null",
-         "distributed.num_workers=2", "distributed.placement_strategy=SPREAD", "distributed.max_failures=1",
-         f"train.max_steps={MAX_STEPS}", "checkpoint.every_n_steps=2", "train.eval_every_n_steps=0",
-         "train.eval_max_batches=1", "data.max_seq_len=96", f"output.dir={out}",
-         f"tracking.uri=sqlite:///{cluster.root / 'mlflow.db'}",
-         f"distributed.ray_address={cluster.address}"],
-        cluster.root / "driver.log", cluster.env,
-    )  # fmt: skip
+    held = cluster.root / "held"
+    hold_cmd = [sys.executable, ROOT / "tests" / "ray_hold.py", cluster.address, held]
+    hold = Daemon(hold_cmd, cluster.root / "hold.log", cluster.env)
+    run = None
     try:
+        wait_for(held.is_file, 180, "a CPU of the head to be held", hold.proc)
+        run = Daemon(
+            [*traced(cluster.root / "driver.strace"), sys.executable, "-m", "launch", "train",
+             str(DEMO_CONFIG), f"model.path={tiny_model_dir}", "model.build=null",
+             "distributed.num_workers=2", "distributed.placement_strategy=SPREAD",
+             "distributed.max_failures=1",
+             f"train.max_steps={MAX_STEPS}", "checkpoint.every_n_steps=2", "train.eval_every_n_steps=0",
+             "train.eval_max_batches=1", "data.max_seq_len=96", f"output.dir={out}",
+             f"tracking.uri=sqlite:///{cluster.root / 'mlflow.db'}",
+             f"distributed.ray_address={cluster.address}"],
+            cluster.root / "driver.log", cluster.env,
+        )  # fmt: skip
         wait_for(lambda: has_usable_checkpoint(out / "checkpoints"), 900, "the first checkpoint", run.proc)
         assert not (out / "summary.json").exists(), "the run finished before the node could be killed"
+        hold.kill()  # the head's 2 CPUs free for the restart, both workers on it
+        freed = " 2.0/3.0 CPU"  # the run's 2 workers only
+        wait_for(lambda: _status_shows(cluster.address, cluster.env, freed), 180, "the held CPU back")
         cluster.second.kill()  # raylet, its workers and all: a node lost without warning
         run.proc.wait(timeout=900)
     finally:
-        run.kill()
+        hold.kill()
+        if run is not None:
+            run.kill()
+    assert run is not None
     log = run.log.read_text()
     assert run.proc.returncode == 0, log[-5000:]
     return out, log
