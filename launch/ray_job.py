@@ -129,11 +129,14 @@ def _local_cluster_home(root: Path) -> Iterator[None]:
     """Start local Ray processes with a HOME holding ray_bootstrap_config.yaml.
 
     Without that file Ray's dashboard probes cloud metadata addresses (169.254.169.254, ...) even with
-    usage stats off; with it, Ray knows it runs on a local provider and stays on 127.0.0.1.
+    usage stats off; with it, Ray knows it runs on a local provider and stays on 127.0.0.1. The workers
+    inherit that HOME, so the user's cache directory is pinned first: DeepSpeed's compiled CPU op, the
+    tokenised datasets and matplotlib's font list then outlive the run (a fresh HOME rebuilt them all).
     """
     home = root / "ray-home"
     home.mkdir(parents=True, exist_ok=True)
     (home / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
+    os.environ.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))  # where it was under the old HOME
     old = os.environ.get("HOME")
     os.environ["HOME"] = str(home)
     try:

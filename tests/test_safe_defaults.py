@@ -71,3 +71,19 @@ def test_every_ray_head_binds_its_dashboard_to_a_configured_loopback_default() -
 def test_nothing_shipped_binds_every_interface() -> None:
     for path in SHIPPED:
         assert "0.0.0.0" not in path.read_text(), path.name
+
+
+def test_a_local_ray_cluster_keeps_the_users_caches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Ray's processes get a HOME of their own; DeepSpeed's compiled op and the datasets cache stay put."""
+    import os
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    from launch.ray_job import _local_cluster_home
+
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    with _local_cluster_home(tmp_path / "run"):
+        assert os.environ["HOME"] == str(tmp_path / "run" / "ray-home")
+        assert Path(get_default_build_root()).is_relative_to(tmp_path / "user" / ".cache")
+    assert os.environ["HOME"] == str(tmp_path / "user")
