@@ -137,10 +137,12 @@ def killed_run(cluster: RayCluster, tiny_model_dir: Path) -> tuple[Path, str]:
 
 def test_workers_spread_over_both_nodes_through_a_file_store(cluster: RayCluster, killed_run: tuple) -> None:
     _, log = killed_run
-    first_attempt = log.split("resumed from", 1)[0]
-    placed = dict(re.findall(r"riemann-tune: rank (\d) of 2 on Ray node (\w+)", first_attempt))
-    assert set(placed) == {"0", "1"}, f"not every rank reported its node: {placed}"
-    assert len(set(placed.values())) == 2 and cluster.second_id in placed.values(), placed
+    reports = re.findall(r"riemann-tune: rank (\d) of 2 on Ray node (\w+)", log)
+    placed = dict(reports[:2])  # the first attempt; the restart reports again
+    assert set(placed) == {"0", "1"}, f"not every rank reported its node: {reports}"
+    assert len(set(placed.values())) == 2 and cluster.second_id in placed.values(), reports
+    head = (set(placed.values()) - {cluster.second_id}).pop()
+    assert [node for _, node in reports[2:]] == [head, head], f"the restart is not on the head: {reports}"
     assert "every node of the Ray cluster is on this machine: workers meet through a file store" in log
 
 
