@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import config as config_lib
-from trainer.checkpoint_sink import DirectorySink
 from trainer.config import RunConfig
-from trainer.worker import run_worker
 
 INIT_METHOD_ENV = "RIEMANN_TUNE_INIT_METHOD"  # how a spawned worker learns where to meet its peers
 
@@ -29,6 +27,10 @@ def run_local(cfg: RunConfig) -> dict[str, Any] | None:
     """Run in-process when this is a worker (world of one, or spawned/torchrun), else spawn N workers."""
     spawned = "RANK" in os.environ
     if cfg.distributed.num_workers == 1 or spawned:
+        # Imported here: a launcher that only spawns workers need not load torch's training stack.
+        from trainer.checkpoint_sink import DirectorySink
+        from trainer.worker import run_worker
+
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "local"
         try:
             summary = run_worker(
