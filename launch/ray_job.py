@@ -30,7 +30,6 @@ from launch.env import is_loopback
 from launch.local import leave_process_group
 from trainer.config import RunConfig
 from trainer.resume import TrainerState, latest_usable, write_manifest
-from trainer.worker import run_worker
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +96,8 @@ class _LocalTorchConfig(TorchConfig):
 
 
 def _train_fn(loop_config: dict[str, Any]) -> None:
+    from trainer.worker import run_worker  # here: the driver never trains, and need not load DeepSpeed
+
     ctx = ray.train.get_context()
     # DeepSpeed and our device choice read the torchrun-style variables.
     os.environ.update(
@@ -172,6 +173,33 @@ def _connect(cfg: RunConfig, env: dict[str, str]) -> None:
             runtime_env={"env_vars": env},
             log_to_driver=True,
         )
+    if not d.ray_dashboard:
+        _drop_worker_lines(NO_STATE_API_NOISE)
+
+
+# Ray Train's PlacementGroupCleaner asks the State API (which the dashboard serves) every second whether
+# the run's controller lives; without a dashboard every ask fails with this warning, dozens per minute.
+NO_STATE_API_NOISE = "Failed to query Ray Train Controller actor state"
+
+
+def _drop_worker_lines(text: str) -> None:
+    """Drop worker log lines containing ``text`` on their way to this driver's output (Ray 2.60's log
+    dispatcher, a private API: if it is not there, every line is shown as before)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs":
+            continue
+
+        def filtered(data: dict[str, Any], show: Any = handler) -> None:
+            lines = [line for line in data.get("lines", []) if text not in line]
+            if lines:
+                show({**data, "lines": lines})
+
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
 
 
 def _rendezvous(cfg: RunConfig, use_gpu: bool) -> TorchConfig:

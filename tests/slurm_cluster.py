@@ -42,6 +42,8 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+# a requeued job starts at the scheduler's periodic pass: every 60 s by default, 2 s here
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 ReturnToService=2
 MinJobAge=3600

@@ -30,12 +30,13 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if STRACE
         else ()
     )
-    run_cli(
+    proc = run_cli(
         "train", str(DEMO_CONFIG),
         "train.max_steps=12", "train.eval_every_n_steps=6", "checkpoint.every_n_steps=6",
         f"output.dir={out}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
         prefix=prefix,
     )  # fmt: skip
+    (tmp / "output.log").write_text(proc.stdout + proc.stderr)
     return out
 
 
@@ -45,6 +46,15 @@ def test_nothing_leaves_loopback(demo_run: Path) -> None:
     log = demo_run.parent / "connects.log"
     assert "AF_INET" in log.read_text(), "the trace saw no socket at all: strace did not follow the run"
     assert outbound_connects(log) == []
+
+
+def test_output_reads_as_a_run_log(demo_run: Path) -> None:
+    """The progress and the summary, not Ray's complaint of a State API that the demo does not start."""
+    from launch.ray_job import NO_STATE_API_NOISE
+
+    output = (demo_run.parent / "output.log").read_text()
+    assert "done: 12 steps" in output and "train:" in output
+    assert NO_STATE_API_NOISE not in output
 
 
 def test_summary_and_loss(demo_run: Path) -> None:
