@@ -47,7 +47,9 @@ class _PairSlot:
 
     def set_grams(self, a: torch.Tensor, b: torch.Tensor) -> None:
         dtype = self.owner.solve_dtype
-        a, b = a.detach().to(dtype), b.detach().to(dtype)
+        a, b = a.detach(), b.detach()
+        if a.dtype != dtype:
+            a, b = a.to(dtype), b.to(dtype)
         self.gram_a, self.gram_b = a @ a.T, b.T @ b
         self.owner.pending.append(self)
 
@@ -137,22 +139,30 @@ class RiemannianPreconditioner:
             for i, slot in enumerate(slots):
                 slot.inv_a, slot.inv_b = inv[i], inv[n + i]
 
-    def regulariser(self, grams: torch.Tensor) -> torch.Tensor:
-        """The damping added to each Gram matrix's diagonal, shape (n, 1, 1)."""
+    def regulariser(self, grams: torch.Tensor) -> torch.Tensor | float:
+        """The damping added to each Gram matrix's diagonal: a number, or one per matrix, shape (n, 1)."""
         if self.damping == "absolute":
-            return grams.new_full((grams.shape[0], 1, 1), self.delta)
-        mean_eig = grams.diagonal(dim1=-2, dim2=-1).mean(-1)
-        return (self.delta * mean_eig + self.delta_min)[:, None, None]
+            return self.delta
+        mean_eig = grams.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)
+        return self.delta * mean_eig + self.delta_min
 
     def _inverse(self, grams: torch.Tensor) -> torch.Tensor:
         """(G + damping)^-1 of every system from one batched Cholesky; a system that fails (or is not
         finite) gets the identity. Applying an r x r inverse in backward is one GEMM per gradient, several
-        times faster than a triangular solve with as many right-hand sides on CPU and GPU alike."""
-        eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
-        chol, info = torch.linalg.cholesky_ex(grams + self.regulariser(grams) * eye)
-        ok = (info == 0) & chol.isfinite().all(dim=(-2, -1))
-        inv = torch.cholesky_inverse(torch.where(ok[:, None, None], chol, eye))
-        ok &= inv.isfinite().all(dim=(-2, -1))
-        failed = (~ok).sum()
-        self._fallbacks = failed if self._fallbacks is None else self._fallbacks + failed
-        return torch.where(ok[:, None, None], inv, eye)
+        times faster than a triangular solve with as many right-hand sides on CPU and GPU alike.
+
+        A handful of batched, mostly in-place operations whatever the number of layers: the Python cost
+        of a step must not grow with the model. cholesky_inverse raises on a zero pivot, so a failed
+        factorisation (info > 0; LAPACK reports a NaN pivot so too) gets a unit diagonal first; its
+        inverse, like that of a factor gone non-finite (an infinite Gram matrix), is then replaced by the
+        identity. One sum per matrix finds every non-finite inverse."""
+        n = grams.shape[0]
+        grams.diagonal(dim1=-2, dim2=-1).add_(self.regulariser(grams))  # grams is the stack: ours to change
+        chol, info = torch.linalg.cholesky_ex(grams)
+        chol.diagonal(dim1=-2, dim2=-1).masked_fill_((info != 0).view(n, 1), 1.0)
+        inv = torch.cholesky_inverse(chol)
+        failed = (info != 0) | ~inv.sum(dim=(-2, -1)).isfinite()
+        inv.masked_fill_(failed.view(n, 1, 1), 0.0).diagonal(dim1=-2, dim2=-1).add_(failed.view(n, 1))
+        count = failed.sum()
+        self._fallbacks = count if self._fallbacks is None else self._fallbacks + count
+        return inv
