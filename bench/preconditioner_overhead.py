@@ -2,11 +2,17 @@
 
     python -m bench.preconditioner_overhead [--quick]
 
-For each model (the demo's tiny Llama, and a ~110M-parameter random-init Llama with 84 LoRA pairs) and
-rank (8, 16, 64), four variants train side by side in one process: ours with the preconditioner off and
-on, and PEFT's LoRA with plain AdamW and with ``create_riemannian_optimizer``. A step is forward, backward,
-optimizer step and zero_grad. The variants' steps are interleaved in a shuffled order each round, so load
-from other processes falls on all of them alike; the overhead is the ratio of median step times.
+For each workload (the demo's tiny Llama; a ~110M-parameter random-init Llama with 84 LoRA pairs at 256
+and at 1024 tokens per step) and rank (8, 16, 64), four variants train side by side in one process: ours
+with the preconditioner off and on, and PEFT's LoRA with plain AdamW and with
+``create_riemannian_optimizer``. A step is forward, backward, optimizer step and zero_grad. Each round runs
+every variant once, in a shuffled order; the overhead is the median over rounds of that round's on/off
+step-time ratio (pairs measured seconds apart, so drifting load from other processes cancels), with its
+interquartile range.
+
+The preconditioner's work is four r x r-by-r x n products per pair (two Gram matrices in forward, two
+preconditioned gradients in backward) plus one batched Cholesky: a fixed cost per step, while the model's
+own work grows with the tokens per step. Hence the two token budgets of the 110M model.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -43,7 +50,8 @@ class ModelSpec:
 
 
 TINY = ModelSpec("tiny (0.6M, 14 pairs)", 128, 256, 2, 4, 1024, 8, 128)
-LARGE = ModelSpec("llama-110M (84 pairs)", 768, 2048, 12, 12, 16000, 2, 128)
+LARGE = ModelSpec("llama-110M (84 pairs), 256 tokens/step", 768, 2048, 12, 12, 16000, 2, 128)
+LARGE_BATCH = ModelSpec("llama-110M (84 pairs), 1024 tokens/step", 768, 2048, 12, 12, 16000, 8, 128)
 
 
 def build_base(spec: ModelSpec) -> LlamaForCausalLM:
@@ -91,7 +99,12 @@ def variants(base: LlamaForCausalLM, rank: int) -> dict[str, Step]:
     return out
 
 
-def measure(spec: ModelSpec, rank: int, rounds: int, warmup: int) -> dict[str, float]:
+def _quartiles(ratios: list[float]) -> tuple[float, float, float]:
+    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return 100 * (q1 - 1), 100 * (med - 1), 100 * (q3 - 1)
+
+
+def measure(spec: ModelSpec, rank: int, rounds: int, warmup: int) -> dict[str, Any]:
     steps = variants(build_base(spec), rank)
     times: dict[str, list[float]] = {name: [] for name in steps}
     gen = torch.Generator().manual_seed(0)
@@ -104,40 +117,39 @@ def measure(spec: ModelSpec, rank: int, rounds: int, warmup: int) -> dict[str, f
             steps[name](ids)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    return {
-        "model": spec.name, "rank": rank, "rounds": rounds,
-        **{f"{name} s": med[name] for name in steps},
-        "ours overhead %": 100 * (med["ours on"] / med["ours off"] - 1),
-        "peft overhead %": 100 * (med["peft on"] / med["peft off"] - 1),
-    }  # fmt: skip
+    row: dict[str, Any] = {"model": spec.name, "rank": rank, "rounds": rounds}
+    row |= {f"{name} s": statistics.median(t) for name, t in times.items()}
+    for impl in ("ours", "peft"):
+        ratios = [on / off for on, off in zip(times[f"{impl} on"], times[f"{impl} off"], strict=True)]
+        q1, med, q3 = _quartiles(ratios)
+        row |= {f"{impl} overhead %": med, f"{impl} q1 %": q1, f"{impl} q3 %": q3}
+    return row
 
 
-def plot(rows: list[dict[str, object]]) -> None:
+def plot(rows: list[dict[str, Any]], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({str(r["model"]) for r in rows})
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         sub = [r for r in rows if r["model"] == model]
         x = range(len(sub))
-        ax.bar(
-            [i - 0.2 for i in x],
-            [r["ours overhead %"] for r in sub],
-            0.4,
-            label="ours (batched, in backward)",
-        )
-        ax.bar([i + 0.2 for i in x], [r["peft overhead %"] for r in sub], 0.4, label="PEFT (pinv per layer)")
+        bars = (("ours", -0.2, "ours (batched Cholesky)"), ("peft", 0.2, "PEFT (pinv per layer)"))
+        for impl, shift, label in bars:
+            med = [r[f"{impl} overhead %"] for r in sub]
+            spread = [[r[f"{impl} overhead %"] - r[f"{impl} q1 %"] for r in sub],
+                      [r[f"{impl} q3 %"] - r[f"{impl} overhead %"] for r in sub]]  # fmt: skip
+            ax.bar([i + shift for i in x], med, 0.4, yerr=spread, capsize=3, label=label)
         ax.set_xticks(list(x), [f"r={r['rank']}" for r in sub])
         ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_title(model)
-        ax.set_ylabel("step time overhead (%)")
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel("step time overhead (%), median and IQR")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "preconditioner_overhead.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
 def main() -> None:
@@ -148,18 +160,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    plan = [(TINY, 30)] if args.quick else [(TINY, 60), (LARGE, 12)]
+    plan = [(TINY, 30)] if args.quick else [(TINY, 60), (LARGE, 12), (LARGE_BATCH, 6)]
     rows = []
     for spec, rounds in plan:
         for rank in (8, 16, 64):
-            rows.append(measure(spec, rank, args.rounds or rounds, warmup=3))
+            rows.append(measure(spec, rank, args.rounds or rounds, warmup=2))
             print_table(rows[-1:], list(rows[-1]))
-    columns = ["model", "rank", "ours off s", "ours on s", "ours overhead %", "peft off s", "peft on s",
-               "peft overhead %"]  # fmt: skip
+    columns = ["model", "rank", "ours off s", "ours overhead %", "ours q1 %", "ours q3 %", "peft off s",
+               "peft overhead %", "peft q1 %", "peft q3 %"]  # fmt: skip
     print()
     print_table(rows, columns)
-    path = write_results("preconditioner_overhead" + ("_quick" if args.quick else ""), {"rows": rows})
-    plot(rows)
+    name = "preconditioner_overhead" + ("_quick" if args.quick else "")
+    path = write_results(name, {"rows": rows})
+    plot(rows, name)
     print(f"\nwrote {path}")
 
 

@@ -37,7 +37,7 @@ def _row(step: int) -> dict[str, float]:
     return {name: float(step) / (i + 1) for i, name in enumerate(METRICS)}
 
 
-def _latencies(call: Callable[[int], None], rows: int) -> list[float]:
+def _latencies(call: Callable[[int], object], rows: int) -> list[float]:
     out = []
     for step in range(1, rows + 1):
         start = time.perf_counter()
