@@ -36,9 +36,9 @@ CLUSTER_MODULES = {"test_end_to_end", "test_ray_cluster", "test_ray_failures", "
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for ``pytest -n 2 --dist loadgroup`` (what ``make test`` runs): a module's tests stay on one
+    """Groups for ``pytest -n 3 --dist loadgroup`` (what ``make test`` runs): a module's tests stay on one
     worker, so its module-scoped runs and servers are built once; the cluster modules share a worker, so
-    two clusters never compete for the cores while the other worker runs everything else."""
+    two clusters never compete for the cores while the other workers run everything else."""
     for item in items:
         module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
         item.add_marker(pytest.mark.xdist_group("clusters" if module in CLUSTER_MODULES else module))
