@@ -36,7 +36,7 @@ CLUSTER_MODULES = {"test_end_to_end", "test_ray_cluster", "test_ray_failures", "
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for ``pytest -n 3 --dist loadgroup`` (what ``make test`` runs): a module's tests stay on one
+    """Groups for ``pytest -n 2 --dist loadgroup`` (what ``make test`` runs): a module's tests stay on one
     worker, so its module-scoped runs and servers are built once; the cluster modules share a worker, so
     two clusters never compete for the cores while the other workers run everything else."""
     for item in items:

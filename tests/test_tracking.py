@@ -404,9 +404,13 @@ def _start_job(cfg: RunConfig, path: Path) -> subprocess.Popen[str]:
 def test_a_server_outage_mid_run_loses_no_metric(
     mlflow_server: MlflowServer, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """Kill the server as soon as the run's first loss arrives; restart it a few steps later."""
+    """Kill the server as soon as the run's first loss arrives; restart it a few steps later.
+
+    Long enough that the run is still going when the first loss reaches the server on a loaded machine
+    (with 24 steps it had once finished by then)."""
     out = tmp_path / "run"
-    cfg = _server_config(tiny_model_dir, out, mlflow_server.uri, "outage", "train.max_steps=24")
+    steps = 120
+    cfg = _server_config(tiny_model_dir, out, mlflow_server.uri, "outage", f"train.max_steps={steps}")
     job = _start_job(cfg, tmp_path / "cfg.yaml")
     try:
         client = _client(mlflow_server.uri)
@@ -428,7 +432,8 @@ def test_a_server_outage_mid_run_loses_no_metric(
     assert "retrying in the background" in output and "reachable again" in output
     summary = json.loads((out / "summary.json").read_text())
     assert (
-        summary["mlflow_metric_rows"] == len(_rows(out)) == 26 and summary["mlflow_metric_rows_dropped"] == 0
+        summary["mlflow_metric_rows"] == len(_rows(out)) == steps + 2
+        and summary["mlflow_metric_rows_dropped"] == 0
     )
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
