@@ -364,14 +364,19 @@ def test_cli_runs_lists_and_compares_the_run(
 def test_a_killed_and_restarted_job_continues_the_same_run(
     mlflow_server: MlflowServer, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL a job once its first loss is logged (its run stays RUNNING); restart it with the run id."""
+    """SIGKILL a job once its params and first loss are logged (its run stays RUNNING); restart it with the
+    run id. The sender sends metric rows before queued tasks, so the params may arrive after the first
+    loss; and the job is long, so that it is still training when they have."""
     first = _server_config(
-        tiny_model_dir, tmp_path / "run", mlflow_server.uri, "resume", "train.max_steps=50"
+        tiny_model_dir, tmp_path / "run", mlflow_server.uri, "resume", "train.max_steps=1000"
     )
     job = _start_job(first, tmp_path / "first.yaml")
     client = _client(mlflow_server.uri)
     try:
-        _wait_for(lambda: _first_loss_arrived(client, "resume"), job, "the first loss to reach the server")
+        _wait_for(
+            lambda: _first_loss_arrived(client, "resume", with_params=True), job,
+            "the params and the first loss to reach the server",
+        )  # fmt: skip
     finally:
         job.kill()
         job.wait()
@@ -386,7 +391,7 @@ def test_a_killed_and_restarted_job_continues_the_same_run(
     assert "resumed with changed params (kept as first logged): train.max_steps" in proc.stderr
     run = client.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["riemann_tune.resumes"] == "1"
-    assert run.data.params["train.max_steps"] == "50"
+    assert run.data.params["train.max_steps"] == "1000"
     assert len(client.search_runs([run.info.experiment_id])) == 1, "no second run"
     # Without a checkpoint to restore (not this test's subject) the second job starts again at step 1.
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
@@ -443,10 +448,12 @@ def test_a_server_outage_mid_run_loses_no_metric(
     }
 
 
-def _first_loss_arrived(client: Any, experiment: str) -> bool:
+def _first_loss_arrived(client: Any, experiment: str, with_params: bool = False) -> bool:
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id]) if found else []
-    return bool(runs) and bool(client.get_metric_history(runs[0].info.run_id, "loss"))
+    if not runs or (with_params and "train.max_steps" not in runs[0].data.params):
+        return False
+    return bool(client.get_metric_history(runs[0].info.run_id, "loss"))
 
 
 def _wait_for(condition: Callable[[], bool], job: subprocess.Popen[str], what: str) -> None:
