@@ -162,9 +162,10 @@ class RiemannianPreconditioner:
         n = grams.shape[0]
         grams.diagonal(dim1=-2, dim2=-1).add_(self.regulariser(grams))  # grams is the stack: ours to change
         chol, info = torch.linalg.cholesky_ex(grams)
-        chol.diagonal(dim1=-2, dim2=-1).masked_fill_((info != 0).view(n, 1), 1.0)
+        unfactored = info != 0
+        chol.diagonal(dim1=-2, dim2=-1).masked_fill_(unfactored.view(n, 1), 1.0)
         inv = torch.cholesky_inverse(chol)
-        failed = (info != 0) | ~inv.sum(dim=(-2, -1)).isfinite()
+        failed = unfactored | ~inv.sum(dim=(-2, -1)).isfinite()
         inv.masked_fill_(failed.view(n, 1, 1), 0.0).diagonal(dim1=-2, dim2=-1).add_(failed.view(n, 1))
         count = failed.sum()
         self._fallbacks = count if self._fallbacks is None else self._fallbacks + count
