@@ -42,6 +42,12 @@ class RaySink:
         self.local = Path(tempfile.mkdtemp(prefix="riemann-tune-ckpt-"))
         self.hashes = hashes
 
+    def __enter__(self) -> RaySink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
+
     def staging_dir(self, step: int) -> Path:
         return self.local / f"step_{step:08d}"
 
@@ -119,10 +125,8 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
     # launch on disk rather than from ray.train.get_checkpoint(): Ray registers a reported checkpoint
     # asynchronously, and a failure right after a report can lose the registration, not the files.
     restart_from = latest_usable(cfg.checkpoint_root / loop_config["run_name"])
-    run_worker(
-        cfg, RaySink(cfg.checkpoint.verify_hashes), launcher="ray", job_id=loop_config["job_id"],
-        resume_from=restart_from,
-    )  # fmt: skip
+    with RaySink(cfg.checkpoint.verify_hashes) as sink:
+        run_worker(cfg, sink, launcher="ray", job_id=loop_config["job_id"], resume_from=restart_from)
 
 
 @contextlib.contextmanager

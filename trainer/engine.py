@@ -10,13 +10,13 @@ import argparse
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
@@ -31,17 +31,18 @@ def init_distributed(use_gpu: bool, init_method: str | None = None) -> None:
     """Join (or create) the process group: NCCL on GPUs, gloo on CPUs.
 
     Under Ray Train the group already exists and is reused. ``init_method`` (e.g. a ``file://`` store)
-    overrides torchrun's ``env://``. A lone process becomes a world of one through a private file store,
-    so it opens no socket at all.
+    overrides torchrun's ``env://``. A lone process becomes a world of one over an in-memory store: no
+    rendezvous file to clean up, no socket.
     """
-    if torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
-        return
-    if "RANK" not in os.environ:
+    backend = "nccl" if use_gpu else "gloo"
+    if "RANK" not in os.environ and init_method is None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
-        init_method = init_method or f"file://{tempfile.mkdtemp(prefix='riemann-tune-pg-')}/store"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        return
     deepspeed.init_distributed(
-        dist_backend="nccl" if use_gpu else "gloo",
+        dist_backend=backend,
         init_method=init_method,
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
@@ -87,7 +88,7 @@ def build_engine(
     load_universal: bool = False,
 ) -> Any:
     """Wrap model and optimizer in a DeepSpeedEngine (data parallel over the current process group)."""
-    world_size = torch.distributed.get_world_size()
+    world_size = dist.get_world_size()
     if cfg.distributed.zero_stage == 0 and cfg.train.dtype == "fp32":
         # The only configuration where DeepSpeed hands the client optimizer the raw gradients without
         # checking them first (ZeRO 1-3 and bf16 skip a step whose gradient norm is not finite).
