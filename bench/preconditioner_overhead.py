@@ -9,13 +9,13 @@ with the preconditioner off and on, and PEFT's LoRA with plain AdamW and with
 every variant once, in a shuffled order; the overhead is the median over rounds of that round's on/off
 step-time ratio (pairs measured seconds apart, so drifting load from other processes cancels), with its
 interquartile range. That difference of two noisy step times cannot resolve a fraction of a percent on a
-shared machine, so the time spent inside the preconditioner's own code (its autograd function's forward
-and backward: Gram matrices, the batched factorisation, the preconditioned gradients) is also clocked
+shared machine, so the time spent inside the preconditioner's own code (its gradient hooks: Gram
+matrices, the batched factorisation, the preconditioned gradients) is also clocked
 during the "ours on" steps and reported as a share of the step ("ours inside %").
 
-The preconditioner's work is four r x r-by-r x n products per pair (two Gram matrices in forward, two
-preconditioned gradients in backward) plus one batched Cholesky: a fixed cost per step, while the model's
-own work grows with the tokens per step. Hence the two token budgets of the 110M model.
+The preconditioner's work is four r x r-by-r x n products per pair (two Gram matrices, formed together at
+the start of backward, and two preconditioned gradients) plus one batched Cholesky: a fixed cost per step,
+while the model's own work grows with the tokens per step. Hence the two token budgets of the 110M model.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from bench.common import RESULTS, print_table, write_results
 from trainer.adapters import freeze_base, inject_adapters
 from trainer.config import AdapterConfig
 from trainer.optim import RiemannianPreconditioner
-from trainer.optim.riemannian import _PreconditionGrad
+from trainer.optim.riemannian import _PairSlot
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,15 @@ def _quartiles(ratios: list[float]) -> tuple[float, float, float]:
 
 
 class _Clock:
-    """Seconds spent in the preconditioner's autograd function (forward and backward) since the last reset."""
+    """Seconds spent in the preconditioner's gradient hooks (factorisation included) since the last reset.
+
+    The hooks are bound when the preconditioner is attached: enter the clock before building the models."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._saved = (_PreconditionGrad.forward, _PreconditionGrad.backward)
+        self._saved = (_PairSlot.precondition_a, _PairSlot.precondition_b)
 
-    def _timed(self, fn: Callable[..., Any]) -> Any:
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any) -> Any:
             start = time.perf_counter()
             try:
@@ -123,25 +125,24 @@ class _Clock:
             finally:
                 self.seconds += time.perf_counter() - start
 
-        return staticmethod(timed)
+        return timed
 
     def __enter__(self) -> _Clock:
-        forward, backward = self._saved
-        _PreconditionGrad.forward = self._timed(forward)  # type: ignore[method-assign]
-        _PreconditionGrad.backward = self._timed(backward)  # type: ignore[method-assign]
+        for name, fn in zip(("precondition_a", "precondition_b"), self._saved, strict=True):
+            setattr(_PairSlot, name, self._timed(fn))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _PreconditionGrad.forward, _PreconditionGrad.backward = self._saved  # type: ignore[method-assign]
+        _PairSlot.precondition_a, _PairSlot.precondition_b = self._saved  # type: ignore[method-assign]
 
 
 def measure(spec: ModelSpec, rank: int, rounds: int, warmup: int) -> dict[str, Any]:
-    steps = variants(build_base(spec), rank)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    inside: list[float] = []
-    gen = torch.Generator().manual_seed(0)
-    order = list(steps)
     with _Clock() as clock:
+        steps = variants(build_base(spec), rank)
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        inside: list[float] = []
+        gen = torch.Generator().manual_seed(0)
+        order = list(steps)
         for i in range(warmup + rounds):
             ids = torch.randint(0, spec.vocab, (spec.batch, spec.length), generator=gen)
             random.Random(i).shuffle(order)

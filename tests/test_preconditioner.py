@@ -130,7 +130,74 @@ def test_eval_forward_forms_no_system() -> None:
     pre.attach(model)
     with torch.no_grad():
         model(torch.randn(2, 12))
-    assert pre.pending == []
+    assert pre.generation == 0
+
+
+def test_systems_follow_the_factors_from_step_to_step() -> None:
+    """After an optimizer step the next backward solves with the new factors' systems, not the old."""
+    model = _adapted()
+    x = torch.randn(5, 12)
+    pre = RiemannianPreconditioner(1e-2)
+    pre.attach(model)
+    _grads(model, x)
+    with torch.no_grad():
+        model[0].adapter.lora_B.mul_(3.0)  # as an optimizer step would change it
+    unpreconditioned = _adapted()
+    unpreconditioned.load_state_dict(model.state_dict())
+    raw = _grads(unpreconditioned, x)
+    scaled = _grads(model, x)
+    layer = model[0].adapter
+    want_a, _ = _closed_form(layer.lora_A.detach(), layer.lora_B.detach(), raw["0.adapter.lora_A"],
+                             raw["0.adapter.lora_B"], 1e-2)  # fmt: skip
+    torch.testing.assert_close(scaled["0.adapter.lora_A"].double(), want_a, rtol=1e-4, atol=1e-6)
+
+
+class _Checkpointed(nn.Module):
+    """The first adapted layer's forward is recomputed in backward (non-reentrant checkpointing)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(self.inner[0], x, use_reentrant=False)
+        return self.inner[2](self.inner[1](h))
+
+
+def test_gradient_checkpointing_recomputation_forms_no_new_system() -> None:
+    """Recomputed forwards are of submodules: one factorisation per step, and the same gradients."""
+    plain = _adapted()
+    checkpointed = _Checkpointed(_adapted())
+    checkpointed.inner.load_state_dict(plain.state_dict())
+    RiemannianPreconditioner(1e-2).attach(plain)
+    pre = RiemannianPreconditioner(1e-2)
+    pre.attach(checkpointed)
+    calls = []
+    factorize = pre.factorize
+    pre.factorize = lambda slot: (calls.append(slot), factorize(slot))  # type: ignore[method-assign]
+    x = torch.randn(5, 12)
+    want, got = _grads(plain, x), _grads(checkpointed, x)
+    assert len(calls) == 1 and pre.generation == 1
+    for key in want:
+        torch.testing.assert_close(got[f"inner.{key}"], want[key])
+
+
+def test_conv_factors_are_preconditioned_in_their_own_shape() -> None:
+    conv = nn.Sequential(nn.Conv2d(3, 6, 3))
+    inject_adapters(conv, AdapterConfig(rank=2, target_modules=["0"]))
+    freeze_base(conv)
+    nn.init.normal_(conv[0].adapter.lora_B)
+    x = torch.randn(2, 3, 8, 8)
+    raw = _grads(conv, x)
+    RiemannianPreconditioner(0.1).attach(conv)
+    scaled = _grads(conv, x)
+    layer = conv[0].adapter
+    a, b = layer.lora_A.detach().flatten(1), layer.lora_B.detach().flatten(1)
+    ga, gb = raw["0.adapter.lora_A"].flatten(1), raw["0.adapter.lora_B"].flatten(1)
+    want_a, want_b = _closed_form(a, b, ga, gb, 0.1)
+    assert scaled["0.adapter.lora_A"].shape == layer.lora_A.shape
+    torch.testing.assert_close(scaled["0.adapter.lora_A"].flatten(1).double(), want_a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scaled["0.adapter.lora_B"].flatten(1).double(), want_b, rtol=1e-4, atol=1e-6)
 
 
 def test_relative_damping_scales_with_the_factor() -> None:
@@ -148,3 +215,10 @@ def test_relative_damping_scales_with_the_factor() -> None:
     want_b = raw["0.adapter.lora_B"].double() @ torch.linalg.inv(gram_a + 0.1 * gram_a.trace() / 3 * eye)
     torch.testing.assert_close(scaled["0.adapter.lora_A"].double(), want_a, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scaled["0.adapter.lora_B"].double(), want_b, rtol=1e-4, atol=1e-6)
+
+
+def test_attaching_twice_is_refused() -> None:
+    pre = RiemannianPreconditioner(1e-2)
+    pre.attach(_adapted())
+    with pytest.raises(RuntimeError, match="already attached"):
+        pre.attach(_adapted())

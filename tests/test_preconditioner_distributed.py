@@ -104,3 +104,11 @@ def test_preconditioning_sends_no_extra_bytes(results: Path, stage: int) -> None
     # and the preconditioner did change the training (the comparison is not vacuous)
     a, b = _weights(results, f"s{stage}-nf4"), _weights(results, f"s{stage}-nf4-off")
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-2
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_systems_are_formed_where_the_factors_are_whole(results: Path, stage: int) -> None:
+    """ZeRO-3 gathers a factor only while its module runs, so each pair's systems are formed at its own
+    first gradient; at ZeRO 0-2 the factors stay whole and all 14 pairs are factorised together."""
+    record = json.loads((results / f"s{stage}-nf4.json").read_text())
+    assert record["partitioned_pairs"] == (14 if stage == 3 else 0)

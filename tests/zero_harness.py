@@ -72,6 +72,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
     from trainer.loop import train_step
     from trainer.model import prepare_model
     from trainer.optim import build_optimizer, build_scheduler
+    from trainer.optim.riemannian import _partitioned
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = config_lib.validate(
@@ -89,7 +90,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
         }
     )  # fmt: skip
     model = prepare_model(cfg, torch.device("cpu"))
-    optimizer, _ = build_optimizer(model, cfg.optim)
+    optimizer, preconditioner = build_optimizer(model, cfg.optim)
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, args.steps), cfg)
     vocab = model.config.vocab_size
     bytes_per_step = []
@@ -116,7 +117,10 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
         from safetensors.torch import save_file
 
         save_file(state, str(Path(args.out) / f"{spec['name']}.safetensors"))
-        (Path(args.out) / f"{spec['name']}.json").write_text(json.dumps({"bytes_per_step": bytes_per_step}))
+        # pairs whose systems are formed one at a time, while their module is gathered (ZeRO-3)
+        partitioned = sum(_partitioned(s.a) for s in preconditioner.slots) if preconditioner else 0
+        record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned}
+        (Path(args.out) / f"{spec['name']}.json").write_text(json.dumps(record))
     dist.barrier()
 
 

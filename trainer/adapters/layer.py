@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -11,18 +10,14 @@ from torch import nn
 from trainer.adapters.base_layers import BaseLayerInfo, base_weight, set_base_weight
 from trainer.config import AdapterConfig
 
-# (A, B) -> (A, B): an identity in forward whose backward transforms the factors' gradients (the
-# Riemannian preconditioner attaches one; see trainer.optim.riemannian).
-PairTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
 
 class Adapter(nn.Module):
     """The trainable part of one adapted layer. One subclass per method (docs/METHODS.md).
 
     A method implements ``forward`` (the whole layer output, given the base layer), ``delta_weight``
     (Delta W, for merging) and names its tensors in ``peft_state_dict``; ``peft_config`` writes its
-    adapter_config.json. Methods with low-rank (A, B) factor pairs list them in ``factor_pairs`` and pass
-    them through ``self.pairs(A, B)`` in forward so the optimizer can precondition their gradients.
+    adapter_config.json. Methods with low-rank (A, B) factor pairs list them in ``factor_pairs``: the
+    optimizer preconditions their gradients (trainer.optim.riemannian).
     ``rank`` is the module's rank (per module for sara/mosara); the saved rank map is made of them.
     """
 
@@ -38,7 +33,6 @@ class Adapter(nn.Module):
         super().__init__()
         self.info = info
         self.rank = rank
-        self.pair_transform: PairTransform | None = None
 
     @classmethod
     def from_base(
@@ -70,11 +64,6 @@ class Adapter(nn.Module):
     ) -> dict[str, Any]:
         """adapter_config.json for PEFT (or, for methods PEFT lacks, our documented equivalent)."""
         raise NotImplementedError
-
-    def pairs(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pair_transform is None or not torch.is_grad_enabled():
-            return a, b
-        return self.pair_transform(a, b)
 
 
 class AdapterLayer(nn.Module):

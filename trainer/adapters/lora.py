@@ -41,8 +41,8 @@ class LoRA(Adapter):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) as matrices (r x fan-in, out x r), passed through the (optional) gradient transform."""
-        return self.pairs(self.lora_A.flatten(1), self.lora_B.flatten(1))
+        """(A, B) as matrices (r x fan-in, out x r)."""
+        return self.lora_A.flatten(1), self.lora_B.flatten(1)
 
     def lora_delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """s B A x for a linear layer, the conv with s B A for a convolution."""

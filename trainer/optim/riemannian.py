@@ -11,18 +11,23 @@ adapter is ignored; raw A and B are used, before the update.
 Why it lives in backward: P is linear in g and A, B are the same on every rank, so P(sum of rank
 gradients) = sum of P(rank gradient). Each layer's gradient is therefore preconditioned on its own rank,
 before DeepSpeed reduces it, with no extra communication under DDP or ZeRO 1-3 and exactly the same
-result under gradient accumulation. The factors are whole only inside their module's forward (ZeRO-3
-gathers them there), so the r x r Gram matrices are formed in forward by an identity autograd function
-wrapped around (A, B), kept, and used by that function's backward. All pending Gram matrices are
-factorised and inverted together in one batched Cholesky (per rank size and device) on the first
-backward call after a forward, in ``solve_dtype`` whatever the training dtype. A system that is
-singular or not finite falls back to the identity for that layer and is counted, never a NaN.
+result under gradient accumulation. A gradient hook on each factor transforms its gradient as autograd
+produces it, before it is accumulated (DeepSpeed's reduction hooks run after accumulation); forward pays
+nothing per layer.
+
+The r x r Gram matrices are formed where the factors are whole. Under DDP and ZeRO 0-2 they always are:
+the first gradient after a forward of the model forms the Gram matrices of every pair in one tight loop
+(inside each layer's forward they cost four times as much on CPU, between the model's large matmuls) and
+factorises all systems in one batched Cholesky per rank. Under ZeRO-3 a factor is whole only while its
+module is gathered, which it is while autograd computes that module's gradients, so each pair's systems
+are formed and factorised at its first gradient. Either way the solves run in ``solve_dtype`` whatever
+the training dtype, and a system that is singular or not finite falls back to the identity for that
+layer and is counted, never a NaN.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,59 +35,60 @@ from torch import nn
 from trainer.adapters.inject import adapter_layers
 
 
+def _partitioned(param: torch.Tensor) -> bool:
+    """True for a parameter that DeepSpeed ZeRO-3 partitions: whole only while its module is gathered."""
+    return hasattr(param, "ds_id")
+
+
 class _PairSlot:
-    """The r x r state of one (A, B) pair: Gram matrices from the last forward and their factors."""
+    """One (A, B) pair: its factors, gradient hooks and the inverses of its current systems."""
 
-    __slots__ = ("gram_a", "gram_b", "inv_a", "inv_b", "owner")
+    __slots__ = ("a", "b", "generation", "inv_a", "inv_b", "owner")
 
-    def __init__(self, owner: RiemannianPreconditioner) -> None:
+    def __init__(self, owner: RiemannianPreconditioner, a: nn.Parameter, b: nn.Parameter) -> None:
         self.owner = owner
-        self.gram_a: torch.Tensor | None = None  # A A^T
-        self.gram_b: torch.Tensor | None = None  # B^T B
+        self.a, self.b = a, b
+        self.generation = -1  # the forward the inverses belong to
         self.inv_a: torch.Tensor | None = None  # (A A^T + D)^-1
         self.inv_b: torch.Tensor | None = None  # (B^T B + D)^-1
+        a.register_hook(self.precondition_a)
+        b.register_hook(self.precondition_b)
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _PreconditionGrad.apply(a, b, self)
-
-    def set_grams(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        dtype = self.owner.solve_dtype
-        a, b = a.detach(), b.detach()
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A A^T and B^T B in the solve dtype (the factors as matrices: r x fan-in, out x r)."""
+        a, b, dtype = self.a.flatten(1), self.b.flatten(1), self.owner.solve_dtype
         if a.dtype != dtype:
             a, b = a.to(dtype), b.to(dtype)
-        self.gram_a, self.gram_b = a @ a.T, b.T @ b
-        self.owner.pending.append(self)
+        return a @ a.T, b.T @ b
 
-    def solve_a(self, grad: torch.Tensor) -> torch.Tensor:
-        """(B^T B + d I)^-1 g_A."""
-        self.owner.factorize_pending()
-        assert self.inv_b is not None
-        return (self.inv_b @ grad.to(self.inv_b.dtype)).to(grad.dtype)
+    def precondition_a(self, grad: torch.Tensor) -> torch.Tensor:
+        """(B^T B + d I)^-1 g_A, solved in the solve dtype and returned in the gradient's."""
+        if self.generation != self.owner.generation:
+            self.owner.factorize(self)
+        inv = self.inv_b
+        assert inv is not None
+        if grad.dtype == inv.dtype and grad.dim() == 2:
+            return inv @ grad
+        return (inv @ grad.flatten(1).to(inv.dtype)).to(grad.dtype).view_as(grad)
 
-    def solve_b(self, grad: torch.Tensor) -> torch.Tensor:
+    def precondition_b(self, grad: torch.Tensor) -> torch.Tensor:
         """g_B (A A^T + d I)^-1."""
-        self.owner.factorize_pending()
-        assert self.inv_a is not None
-        return (grad.to(self.inv_a.dtype) @ self.inv_a).to(grad.dtype)
-
-
-class _PreconditionGrad(torch.autograd.Function):
-    """Identity on (A, B) in forward, recording their Gram matrices; preconditions their grads in backward."""
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, slot: _PairSlot) -> tuple[torch.Tensor, ...]:
-        slot.set_grams(a, b)
-        ctx.slot = slot
-        return a.view_as(a), b.view_as(b)
-
-    @staticmethod
-    def backward(ctx: Any, grad_a: torch.Tensor, grad_b: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        slot: _PairSlot = ctx.slot
-        return slot.solve_a(grad_a), slot.solve_b(grad_b), None
+        if self.generation != self.owner.generation:
+            self.owner.factorize(self)
+        inv = self.inv_a
+        assert inv is not None
+        if grad.dtype == inv.dtype and grad.dim() == 2:
+            return grad @ inv
+        return (grad.flatten(1).to(inv.dtype) @ inv).to(grad.dtype).view_as(grad)
 
 
 class RiemannianPreconditioner:
     """Owns the per-pair slots of a model and factorises their systems in batches.
+
+    Attach it to the module that is called for each step (the model DeepSpeed wraps): a forward pre-hook
+    there marks the systems stale, so that a forward of a submodule alone would precondition with the
+    previous step's systems. Gradient checkpointing's recomputed forwards are of submodules, and rightly
+    form no new systems.
 
     Each Gram matrix G (r x r) is regularised before the solve: ``absolute`` damping adds d I (the paper,
     PEFT); ``relative`` adds (d trace(G) / r + d_min) I, i.e. d times G's mean eigenvalue, so that the
@@ -103,44 +109,45 @@ class RiemannianPreconditioner:
         self.damping = damping
         self.delta_min = delta_min
         self.slots: list[_PairSlot] = []
-        self.pending: list[_PairSlot] = []
+        self.generation = 0  # forwards with gradients so far
         self._fallbacks: torch.Tensor | None = None
 
     def attach(self, model: nn.Module) -> int:
-        """Give every adapter with (A, B) pairs a slot; returns the number of pairs."""
+        """Hook every trainable (A, B) pair of the model's adapters; returns the number of pairs."""
+        if self.slots:
+            raise RuntimeError("this preconditioner is already attached")
         for _, layer in adapter_layers(model):
-            pairs = [(a, b) for a, b in layer.adapter.factor_pairs() if a.requires_grad and b.requires_grad]
-            if len(pairs) > 1:
-                raise NotImplementedError("one (A, B) pair per adapter is supported")
-            if pairs:
-                slot = _PairSlot(self)
-                layer.adapter.pair_transform = slot
-                self.slots.append(slot)
+            for a, b in layer.adapter.factor_pairs():
+                if a.requires_grad and b.requires_grad:
+                    self.slots.append(_PairSlot(self, a, b))
+        model.register_forward_pre_hook(self._forward_started)
         return len(self.slots)
+
+    def _forward_started(self, module: nn.Module, args: object) -> None:
+        if torch.is_grad_enabled():
+            self.generation += 1
 
     @property
     def fallbacks(self) -> int:
         """Systems that fell back to the identity so far (reading it synchronises the device)."""
         return 0 if self._fallbacks is None else int(self._fallbacks.item())
 
-    def factorize_pending(self) -> None:
-        """Factorise the systems formed since the last call (a no-op for all but the first gradient).
-
-        Not under torch.no_grad(): every gradient calls this, and entering that context cost ~40 us each
-        time (7 ms a step for 84 pairs); the Gram matrices are detached, so no graph is built anyway."""
-        if not self.pending:
-            return
-        groups: dict[tuple[int, torch.device], list[_PairSlot]] = defaultdict(list)
-        for slot in self.pending:
-            assert slot.gram_a is not None
-            groups[(slot.gram_a.shape[-1], slot.gram_a.device)].append(slot)
-        self.pending = []
-        for slots in groups.values():
-            grams = torch.stack([s.gram_a for s in slots] + [s.gram_b for s in slots])  # type: ignore[arg-type]
+    @torch.no_grad()
+    def factorize(self, slot: _PairSlot) -> None:
+        """Form and factorise the current systems of ``slot``, and of every pair whose factors are whole
+        now too (all of them, but under ZeRO-3)."""
+        slots = [slot] if _partitioned(slot.a) else [s for s in self.slots if not _partitioned(s.a)]
+        groups: dict[tuple[int, torch.device], list[tuple[_PairSlot, torch.Tensor, torch.Tensor]]]
+        groups = defaultdict(list)
+        for s in slots:
+            gram_a, gram_b = s.grams()
+            groups[(gram_a.shape[-1], gram_a.device)].append((s, gram_a, gram_b))
+        for group in groups.values():
+            grams = torch.stack([g[1] for g in group] + [g[2] for g in group])
             inv = self._inverse(grams)
-            n = len(slots)
-            for i, slot in enumerate(slots):
-                slot.inv_a, slot.inv_b = inv[i], inv[n + i]
+            n = len(group)
+            for i, (s, _, _) in enumerate(group):
+                s.inv_a, s.inv_b, s.generation = inv[i], inv[n + i], self.generation
 
     def regulariser(self, grams: torch.Tensor) -> torch.Tensor | float:
         """The damping added to each Gram matrix's diagonal: a number, or one per matrix, shape (n, 1)."""
