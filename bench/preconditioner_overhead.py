@@ -1,6 +1,6 @@
 """What the Riemannian preconditioner costs per optimizer step, next to PEFT's implementation.
 
-    python -m bench.preconditioner_overhead [--quick]
+    python -m bench.preconditioner_overhead [--quick] [--workload tiny|110m-256|110m-1024] [--ranks R ...]
 
 For each workload (the demo's tiny Llama; a ~110M-parameter random-init Llama with 84 LoRA pairs at 256
 and at 1024 tokens per step) and rank (8, 16, 64), four variants train side by side in one process: ours
@@ -56,6 +56,10 @@ class ModelSpec:
 TINY = ModelSpec("tiny (0.6M, 14 pairs)", 128, 256, 2, 4, 1024, 8, 128)
 LARGE = ModelSpec("llama-110M (84 pairs), 256 tokens/step", 768, 2048, 12, 12, 16000, 2, 128)
 LARGE_BATCH = ModelSpec("llama-110M (84 pairs), 1024 tokens/step", 768, 2048, 12, 12, 16000, 8, 128)
+
+
+# name -> (workload, default rounds): a round trains all four variants once
+WORKLOADS = {"tiny": (TINY, 60), "110m-256": (LARGE, 12), "110m-1024": (LARGE_BATCH, 6)}
 
 
 def build_base(spec: ModelSpec) -> LlamaForCausalLM:
@@ -198,20 +202,30 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny model only, few rounds (a smoke test)")
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per workload and rank")
+    parser.add_argument(
+        "--workload", choices=sorted(WORKLOADS), action="append",
+        help="measure only these (repeatable; results go to preconditioner_overhead_<workloads>.json)",
+    )  # fmt: skip
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    plan = [(TINY, 30)] if args.quick else [(TINY, 60), (LARGE, 12), (LARGE_BATCH, 6)]
+    if args.quick:
+        plan, name = [(TINY, 30)], "preconditioner_overhead_quick"
+    elif args.workload:
+        plan = [WORKLOADS[w] for w in args.workload]
+        name = "preconditioner_overhead_" + "_".join(args.workload)
+    else:
+        plan, name = list(WORKLOADS.values()), "preconditioner_overhead"
     rows = []
     for spec, rounds in plan:
-        for rank in (8, 16, 64):
+        for rank in args.ranks:
             rows.append(measure(spec, rank, args.rounds or rounds, warmup=2))
             print_table(rows[-1:], list(rows[-1]))
     columns = ["model", "rank", "ours off s", "ours inside %", "ours overhead %", "ours q1 %", "ours q3 %",
                "peft off s", "peft overhead %", "peft q1 %", "peft q3 %"]  # fmt: skip
     print()
     print_table(rows, columns)
-    name = "preconditioner_overhead" + ("_quick" if args.quick else "")
     path = write_results(name, {"rows": rows})
     plot(rows, name)
     print(f"\nwrote {path}")
