@@ -61,22 +61,23 @@ class _PairSlot:
             a, b = a.to(dtype), b.to(dtype)
         return a @ a.T, b.T @ b
 
-    def precondition_a(self, grad: torch.Tensor) -> torch.Tensor:
-        """(B^T B + d I)^-1 g_A, solved in the solve dtype and returned in the gradient's."""
+    def inverses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A A^T + D)^-1 and (B^T B + D)^-1 of the current factors, factorised at the first call."""
         if self.generation != self.owner.generation:
             self.owner.factorize(self)
-        inv = self.inv_b
-        assert inv is not None
+        assert self.inv_a is not None and self.inv_b is not None
+        return self.inv_a, self.inv_b
+
+    def precondition_a(self, grad: torch.Tensor) -> torch.Tensor:
+        """(B^T B + d I)^-1 g_A, solved in the solve dtype and returned in the gradient's."""
+        inv = self.inverses()[1]
         if grad.dtype == inv.dtype and grad.dim() == 2:
             return inv @ grad
         return (inv @ grad.flatten(1).to(inv.dtype)).to(grad.dtype).view_as(grad)
 
     def precondition_b(self, grad: torch.Tensor) -> torch.Tensor:
         """g_B (A A^T + d I)^-1."""
-        if self.generation != self.owner.generation:
-            self.owner.factorize(self)
-        inv = self.inv_a
-        assert inv is not None
+        inv = self.inverses()[0]
         if grad.dtype == inv.dtype and grad.dim() == 2:
             return grad @ inv
         return (grad.flatten(1).to(inv.dtype) @ inv).to(grad.dtype).view_as(grad)
