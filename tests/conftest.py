@@ -38,10 +38,15 @@ CLUSTER_MODULES = {"test_end_to_end", "test_ray_cluster", "test_ray_failures", "
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Groups for ``pytest -n 2 --dist loadgroup`` (what ``make test`` runs): a module's tests stay on one
     worker, so its module-scoped runs and servers are built once; the cluster modules share a worker, so
-    two clusters never compete for the cores while the other workers run everything else."""
+    two clusters never compete for the cores while the other workers run everything else. That group is
+    by far the longest (Slurm, two Ray clusters, the traced demo), so it is collected first: started
+    late, it would leave the other worker idle at the end."""
+    in_clusters = {}
     for item in items:
         module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        in_clusters[item.nodeid] = module in CLUSTER_MODULES
         item.add_marker(pytest.mark.xdist_group("clusters" if module in CLUSTER_MODULES else module))
+    items.sort(key=lambda item: not in_clusters[item.nodeid])
 
 
 @pytest.fixture(scope="session")
