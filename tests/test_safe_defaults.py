@@ -87,3 +87,14 @@ def test_a_local_ray_cluster_keeps_the_users_caches(monkeypatch: pytest.MonkeyPa
         assert os.environ["HOME"] == str(tmp_path / "run" / "ray-home")
         assert Path(get_default_build_root()).is_relative_to(tmp_path / "user" / ".cache")
     assert os.environ["HOME"] == str(tmp_path / "user")
+
+
+def test_ray_checkpoint_staging_leaves_nothing_in_tmp() -> None:
+    """Each Ray worker stages its shards in a node-local temp dir, removed when the worker finishes."""
+    from launch.ray_job import RaySink
+
+    with RaySink(hashes=False) as sink:
+        staged = sink.staging_dir(3)
+        staged.mkdir()
+        assert staged.parent.is_dir()
+    assert not staged.parent.exists()
