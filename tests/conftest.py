@@ -41,12 +41,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     two clusters never compete for the cores while the other workers run everything else. That group is
     by far the longest (Slurm, two Ray clusters, the traced demo), so it is collected first: started
     late, it would leave the other worker idle at the end."""
-    in_clusters = {}
     for item in items:
-        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-        in_clusters[item.nodeid] = module in CLUSTER_MODULES
+        module = _module(item)
         item.add_marker(pytest.mark.xdist_group("clusters" if module in CLUSTER_MODULES else module))
-    items.sort(key=lambda item: not in_clusters[item.nodeid])
+    items.sort(key=lambda item: _module(item) not in CLUSTER_MODULES)
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
 
 
 @pytest.fixture(scope="session")
