@@ -9,9 +9,12 @@ with the preconditioner off and on, and PEFT's LoRA with plain AdamW and with
 every variant once, in a shuffled order; the overhead is the median over rounds of that round's on/off
 step-time ratio (pairs measured seconds apart, so drifting load from other processes cancels), with its
 interquartile range. That difference of two noisy step times cannot resolve a fraction of a percent on a
-shared machine, so the time spent inside the preconditioner's own code (its gradient hooks: Gram
-matrices, the batched factorisation, the preconditioned gradients) is also clocked
-during the "ours on" steps and reported as a share of the step ("ours inside %").
+shared machine, so the time spent inside each preconditioner's own code is also clocked during the "on"
+steps: ours in its gradient hooks (Gram matrices, the batched factorisation, the preconditioned
+gradients), PEFT's in its step (a pinv per factor, the preconditioned gradients). It is reported in
+milliseconds and as a share of the step ("inside %"), and the two implementations are compared by the
+median of the per-round ratio of their times ("ours / peft inside"): clocked in the same round, seconds
+apart, both slow down together when the machine has a slow spell, so the ratio is the steadiest number.
 
 The preconditioner's work is four r x r-by-r x n products per pair (two Gram matrices, formed together at
 the start of backward, and two preconditioned gradients) plus one batched Cholesky: a fixed cost per step,
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_riemannian_optimizer
+from peft.optimizers import riemannian as peft_riemannian
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.common import RESULTS, print_table, write_results
@@ -113,55 +117,74 @@ def _quartiles(ratios: list[float]) -> tuple[float, float, float]:
 
 
 class _Clock:
-    """Seconds spent in the preconditioner's gradient hooks (factorisation included) since the last reset.
+    """Seconds spent in each implementation's preconditioner since the last reset: ours in its gradient
+    hooks (factorisation included), PEFT's in its ``step`` (pinv and preconditioned gradients).
 
-    The hooks are bound when the preconditioner is attached: enter the clock before building the models."""
+    Our hooks are bound when the preconditioner is attached: enter the clock before building the models."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
-        self._saved = (_PairSlot.precondition_a, _PairSlot.precondition_b)
+        self.seconds = {"ours": 0.0, "peft": 0.0}
+        self._targets: list[tuple[type, str, str]] = [
+            (_PairSlot, "precondition_a", "ours"),
+            (_PairSlot, "precondition_b", "ours"),
+            (peft_riemannian._RiemannianPreconditioner, "step", "peft"),
+        ]
+        self._saved = [getattr(cls, name) for cls, name, _ in self._targets]
 
-    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def _timed(self, fn: Callable[..., Any], impl: str) -> Callable[..., Any]:
         def timed(*args: Any) -> Any:
             start = time.perf_counter()
             try:
                 return fn(*args)
             finally:
-                self.seconds += time.perf_counter() - start
+                self.seconds[impl] += time.perf_counter() - start
 
         return timed
 
     def __enter__(self) -> _Clock:
-        for name, fn in zip(("precondition_a", "precondition_b"), self._saved, strict=True):
-            setattr(_PairSlot, name, self._timed(fn))
+        for (cls, name, impl), fn in zip(self._targets, self._saved, strict=True):
+            setattr(cls, name, self._timed(fn, impl))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _PairSlot.precondition_a, _PairSlot.precondition_b = self._saved  # type: ignore[method-assign]
+        for (cls, name, _), fn in zip(self._targets, self._saved, strict=True):
+            setattr(cls, name, fn)
 
 
 def measure(spec: ModelSpec, rank: int, rounds: int, warmup: int) -> dict[str, Any]:
     with _Clock() as clock:
         steps = variants(build_base(spec), rank)
         times: dict[str, list[float]] = {name: [] for name in steps}
-        inside: list[float] = []
+        inside: dict[str, list[float]] = {"ours": [], "peft": []}
+        seconds: dict[str, list[float]] = {"ours": [], "peft": []}
         gen = torch.Generator().manual_seed(0)
         order = list(steps)
         for i in range(warmup + rounds):
             ids = torch.randint(0, spec.vocab, (spec.batch, spec.length), generator=gen)
             random.Random(i).shuffle(order)
             for name in order:
-                clock.seconds = 0.0
+                clock.reset()
                 start = time.perf_counter()
                 steps[name](ids)
                 elapsed = time.perf_counter() - start
+                impl, state = name.split()
                 if i >= warmup:
                     times[name].append(elapsed)
-                    if name == "ours on":
-                        inside.append(100 * clock.seconds / elapsed)
+                    if state == "on":
+                        seconds[impl].append(clock.seconds[impl])
+                        inside[impl].append(100 * clock.seconds[impl] / elapsed)
     row: dict[str, Any] = {"model": spec.name, "rank": rank, "rounds": rounds}
     row |= {f"{name} s": statistics.median(t) for name, t in times.items()}
-    row["ours inside %"] = statistics.median(inside)
+    for impl in ("ours", "peft"):
+        row[f"{impl} inside ms"] = 1000 * statistics.median(seconds[impl])
+        row[f"{impl} inside %"] = statistics.median(inside[impl])
+    # both clocked in the same round, seconds apart: a slow spell of the machine slows both
+    row["ours / peft inside"] = statistics.median(
+        o / p for o, p in zip(seconds["ours"], seconds["peft"], strict=True)
+    )
     for impl in ("ours", "peft"):
         ratios = [on / off for on, off in zip(times[f"{impl} on"], times[f"{impl} off"], strict=True)]
         q1, med, q3 = _quartiles(ratios)
@@ -186,8 +209,10 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
             spread = [[r[f"{impl} overhead %"] - r[f"{impl} q1 %"] for r in sub],
                       [r[f"{impl} q3 %"] - r[f"{impl} overhead %"] for r in sub]]  # fmt: skip
             ax.bar([i + shift for i in x], med, 0.4, yerr=spread, capsize=3, label=label)
-        inside = [r["ours inside %"] for r in sub]
-        ax.plot([i - 0.2 for i in x], inside, "k_", markersize=16, mew=2, label="ours: time inside its code")
+        for impl, shift in (("ours", -0.2), ("peft", 0.2)):
+            inside = [r[f"{impl} inside %"] for r in sub]
+            ax.plot([i + shift for i in x], inside, "k_", markersize=16, mew=2,
+                    label="time inside its code" if impl == "ours" else None)  # fmt: skip
         ax.set_xticks(list(x), [f"r={r['rank']}" for r in sub])
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_title(model, fontsize=9)
@@ -222,8 +247,8 @@ def main() -> None:
         for rank in args.ranks:
             rows.append(measure(spec, rank, args.rounds or rounds, warmup=2))
             print_table(rows[-1:], list(rows[-1]))
-    columns = ["model", "rank", "ours off s", "ours inside %", "ours overhead %", "ours q1 %", "ours q3 %",
-               "peft off s", "peft overhead %", "peft q1 %", "peft q3 %"]  # fmt: skip
+    columns = ["model", "rank", "ours off s", "ours inside ms", "ours inside %", "peft inside ms",
+               "peft inside %", "ours / peft inside", "ours overhead %", "peft overhead %"]  # fmt: skip
     print()
     print_table(rows, columns)
     path = write_results(name, {"rows": rows})
