@@ -68,6 +68,7 @@ def spawn_workers(cfg: RunConfig) -> None:
     try:
         for rank in range(n):
             env = {
+                "OMP_NUM_THREADS": str(_threads_per_worker(n)),  # unless the user set it
                 **os.environ,
                 "RANK": str(rank),
                 "LOCAL_RANK": str(rank),
@@ -83,6 +84,13 @@ def spawn_workers(cfg: RunConfig) -> None:
     finally:
         config_path.unlink(missing_ok=True)
         store.unlink(missing_ok=True)
+
+
+def _threads_per_worker(workers: int) -> int:
+    """This machine's cores shared out: N workers each running a thread per core would oversubscribe it
+    N times over (torchrun sets 1 for the same reason)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers)
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]]) -> None:

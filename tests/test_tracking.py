@@ -260,13 +260,16 @@ def two_worker_run(
     out = tmp / "run"
     cfg = _server_config(tiny_model_dir, out, mlflow_server.uri, "two-workers",
         "distributed.num_workers=2", "train.max_steps=6", "train.eval_every_n_steps=3",
-        "tracking.registered_model=tiny-adapter", "tracking.system_metrics_interval_s=1")  # fmt: skip
+        "tracking.registered_model=tiny-adapter", "tracking.system_metrics_interval_s=0.1")  # fmt: skip
     os.environ.update(MLFLOW_TRACKING_TOKEN=SECRET, RIEMANN_TUNE_TEST_NOISE=SECRET)
+    threads = os.environ.pop("OMP_NUM_THREADS", None)  # the launcher's own share of the cores
     try:
         proc = run_cli("train", str(write_config(cfg, tmp / "cfg.yaml")))
     finally:
         for key in ("MLFLOW_TRACKING_TOKEN", "RIEMANN_TUNE_TEST_NOISE"):
             os.environ.pop(key)
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = threads
     return out, proc
 
 
@@ -300,6 +303,9 @@ def test_two_workers_log_one_run_with_params_tags_metrics_and_artefacts(
     assert len(params) == len(config_lib.flatten(config_lib.load(out / "config.yaml"))) - 1
     assert tags["world_size"] == "2" and tags["launcher"] == "local"
     assert tags["hostname"] and tags["cpu"] and tags["versions.torch"] == torch.__version__
+    assert tags["cpu_threads"] == str(max(1, len(os.sched_getaffinity(0)) // 2)), (
+        "two local workers share the cores rather than each running a thread per core"
+    )
     assert tags["versions.mlflow"] and tags["versions.deepspeed"] and len(tags["git_commit"]) == 40
 
     rows = _rows(out)

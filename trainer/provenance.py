@@ -50,8 +50,9 @@ def run_tags(cfg: RunConfig, world_size: int, launcher: str, environ: dict[str, 
 
 
 def hardware() -> dict[str, str]:
-    """The CPU model and, with CUDA, rank 0's GPU model, count and CUDA version."""
-    tags = {"cpu": cpu_model(), "cpu_count": str(_cpu_count())}
+    """The CPU model, cores and torch's threads per process and, with CUDA, rank 0's GPU model, count and
+    CUDA version."""
+    tags = {"cpu": cpu_model(), "cpu_count": str(_cpu_count()), "cpu_threads": str(torch.get_num_threads())}
     if torch.cuda.is_available():
         tags |= {
             "gpu": torch.cuda.get_device_name(0),
