@@ -20,6 +20,10 @@ os.environ.update(
 )
 os.environ.setdefault("HF_HOME", str(ROOT / ".cache" / "huggingface"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+# Under pytest -n N each worker, and every process it starts, gets its share of the cores: N workers each
+# running a thread per core (while their training processes do the same) spend the suite contending.
+if (xdist_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // xdist_workers)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
