@@ -152,6 +152,35 @@ def test_systems_follow_the_factors_from_step_to_step() -> None:
     torch.testing.assert_close(scaled["0.adapter.lora_A"].double(), want_a, rtol=1e-4, atol=1e-6)
 
 
+def _train(model: nn.Module, watch: bool, steps: int = 3, accumulation: int = 2) -> RiemannianPreconditioner:
+    pre = RiemannianPreconditioner(1e-2)
+    pre.attach(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    if watch:
+        pre.watch(optimizer)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for _ in range(accumulation):
+            model(torch.randn(5, 12, generator=gen)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return pre
+
+
+def test_a_watched_optimizer_forms_the_systems_once_per_accumulated_batch() -> None:
+    """The factors change only at an optimizer step, so with accumulation the systems are formed once per
+    step rather than once per micro-batch, and training is the same bit for bit."""
+    per_forward, per_step = _adapted(), _adapted()
+    per_step.load_state_dict(per_forward.state_dict())
+    initial = {k: v.clone() for k, v in per_forward.state_dict().items()}
+    formed = (_train(per_forward, watch=False).factorisations, _train(per_step, watch=True).factorisations)
+    assert formed == (6, 3)
+    want = per_forward.state_dict()
+    for key, got in per_step.state_dict().items():
+        assert torch.equal(got, want[key]), key
+    assert not torch.equal(want["0.adapter.lora_A"], initial["0.adapter.lora_A"]), "it trained"
+
+
 class _Checkpointed(nn.Module):
     """The first adapted layer's forward is recomputed in backward (non-reentrant checkpointing)."""
 

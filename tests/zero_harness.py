@@ -119,7 +119,9 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
         save_file(state, str(Path(args.out) / f"{spec['name']}.safetensors"))
         # pairs whose systems are formed one at a time, while their module is gathered (ZeRO-3)
         partitioned = sum(_partitioned(s.a) for s in preconditioner.slots) if preconditioner else 0
-        record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned}
+        factorisations = preconditioner.factorisations if preconditioner else 0
+        record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned,
+                  "factorisations": factorisations, "steps": args.steps}  # fmt: skip
         (Path(args.out) / f"{spec['name']}.json").write_text(json.dumps(record))
     dist.barrier()
 

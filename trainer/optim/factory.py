@@ -38,6 +38,8 @@ def build_optimizer(
         )
     else:
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if preconditioner:
+        preconditioner.watch(optimizer)  # the factors change only at its steps: once per accumulated batch
     return optimizer, preconditioner
 
 

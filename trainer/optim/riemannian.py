@@ -16,9 +16,10 @@ produces it, before it is accumulated (DeepSpeed's reduction hooks run after acc
 nothing per layer.
 
 The r x r Gram matrices are formed where the factors are whole. Under DDP and ZeRO 0-2 they always are:
-the first gradient after a forward of the model forms the Gram matrices of every pair in one tight loop
-(inside each layer's forward they cost four times as much on CPU, between the model's large matmuls) and
-factorises all systems in one batched Cholesky per rank. Under ZeRO-3 a factor is whole only while its
+the first gradient after a forward of the model (once ``watch`` is on: after an optimizer step, so once
+per accumulated batch) forms the Gram matrices of every pair in one tight loop (inside each layer's
+forward they cost four times as much on CPU, between the model's large matmuls) and factorises all
+systems in one batched Cholesky per rank. Under ZeRO-3 a factor is whole only while its
 module is gathered, which it is while autograd computes that module's gradients, so each pair's systems
 are formed and factorised at its first gradient. Either way the solves run in ``solve_dtype`` whatever
 the training dtype, and a system that is singular or not finite falls back to the identity for that
@@ -89,7 +90,9 @@ class RiemannianPreconditioner:
     Attach it to the module that is called for each step (the model DeepSpeed wraps): a forward pre-hook
     there marks the systems stale, so that a forward of a submodule alone would precondition with the
     previous step's systems. Gradient checkpointing's recomputed forwards are of submodules, and rightly
-    form no new systems.
+    form no new systems. Once it ``watch``-es the optimizer, a forward marks them stale only after an
+    optimizer step, the only place the factors change: with gradient accumulation the systems are formed
+    once per accumulated batch rather than once per micro-batch.
 
     Each Gram matrix G (r x r) is regularised before the solve: ``absolute`` damping adds d I (the paper,
     PEFT); ``relative`` adds (d trace(G) / r + d_min) I, i.e. d times G's mean eigenvalue, so that the
@@ -110,7 +113,10 @@ class RiemannianPreconditioner:
         self.damping = damping
         self.delta_min = delta_min
         self.slots: list[_PairSlot] = []
-        self.generation = 0  # forwards with gradients so far
+        self.generation = 0  # forwards with gradients that found the factors changed
+        self.factorisations = 0  # batched (under ZeRO-3: per-pair) factorisations so far
+        self._watching = False  # an optimizer step tells when the factors change, not every forward
+        self._stepped = True  # the factors may have changed since the systems were last marked stale
         self._fallbacks: torch.Tensor | None = None
 
     def attach(self, model: nn.Module) -> int:
@@ -124,9 +130,19 @@ class RiemannianPreconditioner:
         model.register_forward_pre_hook(self._forward_started)
         return len(self.slots)
 
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Form new systems only after a step of ``optimizer`` (the one updating the factors; DeepSpeed
+        calls its ``step`` inside its own) instead of at every forward with gradients."""
+        optimizer.register_step_post_hook(self._optimizer_stepped)
+        self._watching = True
+
+    def _optimizer_stepped(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self._stepped = True
+
     def _forward_started(self, module: nn.Module, args: object) -> None:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self._stepped:
             self.generation += 1
+            self._stepped = not self._watching
 
     @property
     def fallbacks(self) -> int:
@@ -138,6 +154,7 @@ class RiemannianPreconditioner:
         """Form and factorise the current systems of ``slot``, and of every pair whose factors are whole
         now too (all of them, but under ZeRO-3)."""
         slots = [slot] if _partitioned(slot.a) else [s for s in self.slots if not _partitioned(s.a)]
+        self.factorisations += 1
         groups: dict[tuple[int, torch.device], list[tuple[_PairSlot, torch.Tensor, torch.Tensor]]]
         groups = defaultdict(list)
         for s in slots:
