@@ -40,7 +40,7 @@ demo: install
 # The whole suite: lint, types, then every test tier (unit, integration, slow; gpu skips without one).
 test: install lint typecheck
 	./scripts/system-deps.sh
-	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup) --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) --durations=15 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)

@@ -36,19 +36,30 @@ DEMO_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 # Modules that start clusters (Ray, Slurm) and run the demo: under pytest-xdist they share one worker.
 CLUSTER_MODULES = {"test_end_to_end", "test_ray_cluster", "test_ray_failures", "test_slurm"}
+# The other long groups, longest first (make test on 2 cores: clusters 490 s, then 230, 220, 70, 30, 20 s;
+# every other module under 15 s).
+LONG_MODULES = ("test_resume", "test_adapters_e2e", "test_tracking", "test_preconditioner_distributed",
+                "test_distributed")  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Groups for ``pytest -n 2 --dist loadgroup`` (what ``make test`` runs): a module's tests stay on one
     worker, so its module-scoped runs and servers are built once; the cluster modules share a worker, so
-    two clusters never compete for the cores while the other workers run everything else. That group is
-    by far the longest (Slurm, two Ray clusters, the traced demo), so it is collected first: started
-    late, it would leave the other worker idle at the end."""
+    two clusters never compete for the cores while the other workers run everything else. The groups are
+    collected longest first (the cluster group, by far, then LONG_MODULES), and ``make test`` keeps that
+    order (``--no-loadscope-reorder``): xdist then hands the short groups to whichever worker is free at
+    the end, instead of finishing on a long one while the other worker idles."""
     for item in items:
         module = _module(item)
         item.add_marker(pytest.mark.xdist_group("clusters" if module in CLUSTER_MODULES else module))
-    items.sort(key=lambda item: _module(item) not in CLUSTER_MODULES)
+    items.sort(key=lambda item: _rank(_module(item)))
+
+
+def _rank(module: str) -> int:
+    if module in CLUSTER_MODULES:
+        return 0
+    return 1 + (LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES))
 
 
 def _module(item: pytest.Item) -> str:
