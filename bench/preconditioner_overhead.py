@@ -76,28 +76,34 @@ def build_base(spec: ModelSpec) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).train()
 
 
-Step = Callable[[torch.Tensor], None]
+Step = Callable[[list[torch.Tensor]], None]
 
 
 def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Step:
-    def run(ids: torch.Tensor) -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
+    def run(micro_batches: list[torch.Tensor]) -> None:
+        for ids in micro_batches:
+            model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return run
 
 
-def variants(base: LlamaForCausalLM, rank: int) -> dict[str, Step]:
+def variants(base: LlamaForCausalLM, rank: int, accum: int) -> dict[str, Step]:
+    """Ours off and on (as the trainer builds it: watching the optimizer, so forming the systems once per
+    step), PEFT off and on; with accumulation also ours forming them at every micro-batch."""
     out = {}
-    for precondition in (False, True):
+    for name in ("ours off", "ours on") + (("ours per-micro-batch",) if accum > 1 else ()):
         ours = copy.deepcopy(base)
         inject_adapters(ours, AdapterConfig(rank=rank, alpha=2 * rank))
         freeze_base(ours)
-        if precondition:
-            RiemannianPreconditioner(1e-2).attach(ours)
-        params = [p for p in ours.parameters() if p.requires_grad]
-        out[f"ours {'on' if precondition else 'off'}"] = _step(ours, torch.optim.AdamW(params, lr=1e-4))
+        optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+        if name != "ours off":
+            preconditioner = RiemannianPreconditioner(1e-2)
+            preconditioner.attach(ours)
+            if name == "ours on":
+                preconditioner.watch(optimizer)
+        out[name] = _step(ours, optimizer)
     for precondition in (False, True):
         peft = get_peft_model(
             copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
@@ -154,36 +160,39 @@ class _Clock:
             setattr(cls, name, fn)
 
 
-def measure(spec: ModelSpec, rank: int, rounds: int, warmup: int) -> dict[str, Any]:
+def measure(spec: ModelSpec, rank: int, rounds: int, warmup: int, accum: int = 1) -> dict[str, Any]:
     with _Clock() as clock:
-        steps = variants(build_base(spec), rank)
+        steps = variants(build_base(spec), rank, accum)
         times: dict[str, list[float]] = {name: [] for name in steps}
-        inside: dict[str, list[float]] = {"ours": [], "peft": []}
-        seconds: dict[str, list[float]] = {"ours": [], "peft": []}
+        inside: dict[str, list[float]] = {name: [] for name in steps if not name.endswith("off")}
+        seconds: dict[str, list[float]] = {name: [] for name in inside}
         gen = torch.Generator().manual_seed(0)
         order = list(steps)
         for i in range(warmup + rounds):
-            ids = torch.randint(0, spec.vocab, (spec.batch, spec.length), generator=gen)
+            micro_batches = [
+                torch.randint(0, spec.vocab, (spec.batch, spec.length), generator=gen) for _ in range(accum)
+            ]
             random.Random(i).shuffle(order)
             for name in order:
                 clock.reset()
                 start = time.perf_counter()
-                steps[name](ids)
+                steps[name](micro_batches)
                 elapsed = time.perf_counter() - start
-                impl, state = name.split()
                 if i >= warmup:
                     times[name].append(elapsed)
-                    if state == "on":
-                        seconds[impl].append(clock.seconds[impl])
-                        inside[impl].append(100 * clock.seconds[impl] / elapsed)
-    row: dict[str, Any] = {"model": spec.name, "rank": rank, "rounds": rounds}
+                    if name in inside:
+                        spent = clock.seconds[name.split()[0]]
+                        seconds[name].append(spent)
+                        inside[name].append(100 * spent / elapsed)
+    row: dict[str, Any] = {"model": spec.name, "rank": rank, "rounds": rounds, "accumulation": accum}
     row |= {f"{name} s": statistics.median(t) for name, t in times.items()}
-    for impl in ("ours", "peft"):
-        row[f"{impl} inside ms"] = 1000 * statistics.median(seconds[impl])
-        row[f"{impl} inside %"] = statistics.median(inside[impl])
+    for name in inside:
+        label = name.removesuffix(" on")
+        row[f"{label} inside ms"] = 1000 * statistics.median(seconds[name])
+        row[f"{label} inside %"] = statistics.median(inside[name])
     # both clocked in the same round, seconds apart: a slow spell of the machine slows both
     row["ours / peft inside"] = statistics.median(
-        o / p for o, p in zip(seconds["ours"], seconds["peft"], strict=True)
+        o / p for o, p in zip(seconds["ours on"], seconds["peft on"], strict=True)
     )
     for impl in ("ours", "peft"):
         ratios = [on / off for on, off in zip(times[f"{impl} on"], times[f"{impl} off"], strict=True)]
@@ -233,6 +242,10 @@ def main() -> None:
         help="measure only these (repeatable; results go to preconditioner_overhead_<workloads>.json)",
     )  # fmt: skip
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
+    parser.add_argument(
+        "--accum", type=int, default=1,
+        help="micro-batches per optimizer step (> 1 adds ours forming the systems at every micro-batch)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     if args.quick:
@@ -242,13 +255,17 @@ def main() -> None:
         name = "preconditioner_overhead_" + "_".join(args.workload)
     else:
         plan, name = list(WORKLOADS.values()), "preconditioner_overhead"
+    if args.accum > 1:
+        name += f"_accum{args.accum}"
     rows = []
     for spec, rounds in plan:
         for rank in args.ranks:
-            rows.append(measure(spec, rank, args.rounds or rounds, warmup=2))
+            rows.append(measure(spec, rank, args.rounds or rounds, warmup=2, accum=args.accum))
             print_table(rows[-1:], list(rows[-1]))
     columns = ["model", "rank", "ours off s", "ours inside ms", "ours inside %", "peft inside ms",
                "peft inside %", "ours / peft inside", "ours overhead %", "peft overhead %"]  # fmt: skip
+    if args.accum > 1:
+        columns[5:5] = ["ours per-micro-batch inside ms", "ours per-micro-batch inside %"]
     print()
     print_table(rows, columns)
     path = write_results(name, {"rows": rows})
