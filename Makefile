@@ -61,6 +61,7 @@ bench: install
 	$(PY) -m bench.adapters
 	$(PY) -m bench.data_pipeline
 	$(PY) -m bench.tracking_overhead
+	$(PY) -m bench.local_threads
 
 clean:
 	rm -rf runs .cache .pytest_cache .mypy_cache .ruff_cache
