@@ -247,6 +247,8 @@ def main() -> None:
         help="micro-batches per optimizer step (> 1 adds ours forming the systems at every micro-batch)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.accum < 1 or (args.rounds is not None and args.rounds < 1) or min(args.ranks) < 1:
+        parser.error("--accum, --rounds and --ranks must be at least 1")
     torch.set_num_threads(torch.get_num_threads())
     if args.quick:
         plan, name = [(TINY, 30)], "preconditioner_overhead_quick"

@@ -19,9 +19,9 @@ The r x r Gram matrices are formed where the factors are whole. Under DDP and Ze
 the first gradient after a forward of the model (once ``watch`` is on: after an optimizer step, so once
 per accumulated batch) forms the Gram matrices of every pair in one tight loop (inside each layer's
 forward they cost four times as much on CPU, between the model's large matmuls) and factorises all
-systems in one batched Cholesky per rank. Under ZeRO-3 a factor is whole only while its
-module is gathered, which it is while autograd computes that module's gradients, so each pair's systems
-are formed and factorised at its first gradient. Either way the solves run in ``solve_dtype`` whatever
+systems in one batched Cholesky per rank. Under ZeRO-3 a factor is whole only while its module is
+gathered, which it is while autograd computes that module's gradients, so each pair's systems are
+formed and factorised at its first gradient. Either way the solves run in ``solve_dtype`` whatever
 the training dtype, and a system that is singular or not finite falls back to the identity for that
 layer and is counted, never a NaN.
 """
