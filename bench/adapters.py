@@ -68,9 +68,8 @@ def _engine(method: str, steps: int, rank: int) -> tuple[Any, Any, Any, Any, Any
     from trainer import config as config_lib
     from trainer.data import build_data
     from trainer.engine import build_engine, init_distributed
-    from trainer.model import load_tokenizer, prepare_model
+    from trainer.model import ensure_tiny_model, load_tokenizer, prepare_model
     from trainer.optim import build_optimizer, build_scheduler
-    from trainer.tiny import ensure_tiny_model
 
     apply_defaults()
     overrides = [

@@ -30,7 +30,7 @@ import torch
 from bench.common import RESULTS, print_table, write_results
 from trainer.config import RunConfig, validate
 from trainer.data import MapBatches, build_data, pack
-from trainer.tiny import corpus_texts, train_tokenizer
+from trainer.model import corpus_texts, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = [ROOT / "data" / "tiny" / "train.jsonl", ROOT / "data" / "tiny" / "eval.jsonl"]

@@ -97,7 +97,7 @@ def memory_gather(rows: int) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from trainer.rank_stats import memory_metrics
+    from trainer.tracking import memory_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)

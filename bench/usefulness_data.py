@@ -5,7 +5,7 @@ functions; collected with ``ast`` in sorted file order, tests left out). Fine-tu
 descriptions (README texts) in the METADATA files of the packages installed beside this code, split by
 package into train and eval with a fixed seed. Both are deterministic for a given machine; their
 fingerprints go into the results. The base (tokenizer + a ~4.7M-parameter Llama pre-trained briefly on
-the docstrings) is built once by ``trainer.tiny`` and cached under ``.cache/bench/``.
+the docstrings) is built once by ``trainer.model.tiny`` and cached under ``.cache/bench/``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from trainer.config import TinyModelSpec
-from trainer.tiny import ensure_tiny_model
+from trainer.model import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"

@@ -58,7 +58,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     apply_defaults()
-    from trainer.merge import MergeError, merge_adapter
+    from trainer.export import MergeError, merge_adapter
 
     try:
         out = merge_adapter(args.source, args.out, args.base)
@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepare_local_store(cfg.tracking)
         clear_stale_build_locks()
     if cfg.model.build is not None:
-        from trainer.tiny import ensure_tiny_model
+        from trainer.model import ensure_tiny_model
 
         ensure_tiny_model(cfg.model.path, cfg.model.build)
     Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def run_local(cfg: RunConfig) -> dict[str, Any] | None:
     spawned = "RANK" in os.environ
     if cfg.distributed.num_workers == 1 or spawned:
         # Imported here: a launcher that only spawns workers need not load torch's training stack.
-        from trainer.checkpoint_sink import DirectorySink
+        from trainer.checkpoints import DirectorySink
         from trainer.worker import run_worker
 
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "local"

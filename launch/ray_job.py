@@ -28,8 +28,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from launch.env import is_loopback
 from launch.local import leave_process_group
+from trainer.checkpoints import TrainerState, latest_usable, write_manifest
 from trainer.config import RunConfig
-from trainer.resume import TrainerState, latest_usable, write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``python -m launch runs``: the recent MLflow runs as one table, to compare them from a terminal.
 
-Besides trainer/tracking.py, the only module that imports mlflow.
+Besides the trainer/tracking/ package, the only module that imports mlflow.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def _module(item: pytest.Item) -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 64-wide Llama with its own tokenizer, built once per session (no pre-training)."""
-    from trainer.tiny import ensure_tiny_model
+    from trainer.model import ensure_tiny_model
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     spec = TinyModelSpec(
@@ -132,7 +132,7 @@ def write_config(cfg: RunConfig, path: Path) -> Path:
 def has_usable_checkpoint(root: Path) -> bool:
     """A whole (sealed) checkpoint exists under ``root``: one whose directory merely exists may still be
     being written, and a kill then would leave nothing to resume from."""
-    from trainer.resume import find_checkpoints, problem
+    from trainer.checkpoints import find_checkpoints, problem
 
     return any(problem(directory) is None for directory in find_checkpoints(root))
 

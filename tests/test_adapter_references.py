@@ -21,7 +21,7 @@ from torch import nn
 from tests.adapter_cases import IDS, adapted, load_base, logits, perturb, rel_err
 from trainer.adapters import adapter_layers, rank_map
 from trainer.adapters.base_layers import base_weight
-from trainer.checkpoint import PEFT_PREFIX, load_adapter_state
+from trainer.export import PEFT_PREFIX, load_adapter_state
 
 pytestmark = pytest.mark.unit
 

@@ -30,8 +30,8 @@ from tests.adapter_cases import (
 from trainer import config as config_lib
 from trainer.adapters import REGISTRY, adapter_layers, adapter_parameters, rank_map
 from trainer.adapters.base_layers import base_weight
-from trainer.checkpoint import adapter_state_dict, load_adapter_state, load_saved_adapter, save_adapter
 from trainer.config import PAIRED_METHODS, ConfigError
+from trainer.export import adapter_state_dict, load_adapter_state, load_saved_adapter, save_adapter
 from trainer.optim import RiemannianPreconditioner
 
 pytestmark = pytest.mark.unit

@@ -16,8 +16,8 @@ import torch
 
 from tests.adapter_cases import METHODS
 from tests.conftest import ROOT, load_adapter_tensors, run_cli, write_config
-from trainer.checkpoint import load_saved_adapter
 from trainer.config import RunConfig
+from trainer.export import load_saved_adapter
 
 ZERO_INIT = {"lora": "lora_B", "dora": "lora_B", "sara": "lora_B", "bone": "miss_block", "bat": "miss_block",
              "flora": "flora_core", "mosara": "mosara_lambda"}  # fmt: skip

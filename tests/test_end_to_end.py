@@ -107,7 +107,7 @@ def test_peft_loads_the_adapter_with_the_same_logits(demo_run: Path) -> None:
     from peft import PeftModel
 
     from trainer import config as config_lib
-    from trainer.checkpoint import load_adapter_state, read_adapter
+    from trainer.export import load_adapter_state, read_adapter
     from trainer.model import guard_4bit_gradients, load_base_model, prepare_model
 
     cfg = config_lib.load(demo_run / "config.yaml", ["train.dtype=fp32"])

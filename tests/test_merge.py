@@ -18,8 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.adapter_cases import MERGEABLE, adapted, adapter_config, load_base, logits, perturb, rel_err
 from tests.conftest import ROOT, run_cli
-from trainer.checkpoint import adapter_state_dict, save_adapter
-from trainer.merge import MergeError, merge_adapter
+from trainer.export import MergeError, adapter_state_dict, merge_adapter, save_adapter
 
 pytestmark = pytest.mark.unit
 

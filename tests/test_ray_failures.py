@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from tests.conftest import DEMO_CONFIG, has_usable_checkpoint, start_cli, wait_for
-from trainer.checkpoint import read_adapter
+from trainer.export import read_adapter
 
 pytestmark = pytest.mark.slow
 

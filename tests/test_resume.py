@@ -23,8 +23,8 @@ from tests.conftest import (
     wait_for,
     write_config,
 )
+from trainer.checkpoints import find_checkpoints, write_manifest
 from trainer.config import RunConfig
-from trainer.resume import find_checkpoints, write_manifest
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.engine import FiniteStepGuard, weights_only_loads
-from trainer.loop import LoopState, NonFiniteTrainingError
-from trainer.resume import (
+from trainer.checkpoints import (
     CheckpointMismatchError,
     TrainerState,
     check_compatible,
@@ -19,6 +17,8 @@ from trainer.resume import (
     problem,
     write_manifest,
 )
+from trainer.engine import FiniteStepGuard, weights_only_loads
+from trainer.loop import LoopState, NonFiniteTrainingError
 
 pytestmark = pytest.mark.unit
 

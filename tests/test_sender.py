@@ -1,4 +1,4 @@
-"""The background sender (trainer/sender.py), with a plain callable standing in for the tracking server."""
+"""The background sender (trainer/tracking/sender.py), a plain callable standing in for the server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from trainer.sender import Row, Sender, Task
+from trainer.tracking import Row, Sender, Task
 
 pytestmark = pytest.mark.unit
 

@@ -89,7 +89,7 @@ def test_adapter_artefacts_keep_small_files_and_weights_only_when_asked(tmp_path
 def test_loss_curve_png_shows_both_curves(tmp_path: Path) -> None:
     import matplotlib.image
 
-    from trainer.loss_curve import plot_loss_curve
+    from trainer.tracking import plot_loss_curve
 
     rows = [{"step": 0, "eval_loss": 3.0}] + [{"step": s, "loss": 3.0 / s} for s in range(1, 21)]
     jsonl = tmp_path / "metrics.jsonl"
@@ -111,7 +111,7 @@ def test_loss_curve_png_shows_both_curves(tmp_path: Path) -> None:
 def test_peak_memory_per_rank_matches_the_kernels_high_water_mark(tmp_path: Path) -> None:
     import torch.distributed as dist
 
-    from trainer.rank_stats import memory_metrics
+    from trainer.tracking import memory_metrics
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")

@@ -20,9 +20,17 @@ import torch.distributed as dist
 
 from trainer import config as config_lib
 from trainer.adapters import adapter_layers
-from trainer.artifacts import atomic_write_text
-from trainer.checkpoint import adapter_state_dict, save_adapter
-from trainer.checkpoint_sink import CheckpointSink
+from trainer.checkpoints import (
+    CheckpointSink,
+    TrainerState,
+    atomic_write_text,
+    check_compatible,
+    fingerprint,
+    record_attempt,
+    resolve,
+    restore_rng,
+    save_rng,
+)
 from trainer.config import RunConfig
 from trainer.data import build_data
 from trainer.engine import (
@@ -33,20 +41,11 @@ from trainer.engine import (
     load_state,
     save_state,
 )
+from trainer.export import adapter_state_dict, save_adapter
 from trainer.loop import LoopSettings, LoopState, train
 from trainer.model import count_parameters, load_tokenizer, prepare_model
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.rank_stats import memory_metrics
-from trainer.resume import (
-    TrainerState,
-    check_compatible,
-    fingerprint,
-    record_attempt,
-    resolve,
-    restore_rng,
-    save_rng,
-)
-from trainer.tracking import Tracker, log_outputs, start_tracking
+from trainer.tracking import Tracker, log_outputs, memory_metrics, start_tracking
 
 log = logging.getLogger("trainer")
 

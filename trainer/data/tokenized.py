@@ -22,7 +22,7 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from trainer.artifacts import atomic_dir, file_lock
+from trainer.checkpoints import atomic_dir, file_lock
 from trainer.config import DataConfig
 from trainer.data.formats import make_encoder
 from trainer.data.sources import DataError, SourceFile, cache_root, fingerprint, load

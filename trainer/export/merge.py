@@ -17,9 +17,9 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from trainer.adapters import REGISTRY, adapter_layers, inject_adapters
 from trainer.adapters.base_layers import base_weight, set_base_weight
-from trainer.artifacts import atomic_dir
-from trainer.checkpoint import OUR_CONFIG, SavedAdapter, load_adapter_state, load_saved_adapter
+from trainer.checkpoints import atomic_dir
 from trainer.config import ModelConfig
+from trainer.export.adapter import OUR_CONFIG, SavedAdapter, load_adapter_state, load_saved_adapter
 from trainer.model import DTYPES, load_base_model
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,14 @@
 """Experiment tracking with MLflow: the tracker, its configuration, and what a run logs.
 
 This is the only module of the trainer that imports mlflow (the Tracker protocol and the trackers that
-need no server live in trainer/trackers.py and are re-exported here). Exactly one process per job (rank 0)
+need no server live in trainer/tracking/base.py). Exactly one process per job (rank 0)
 creates or resumes the MLflow run; every other rank gets a NullTracker.
 
 The tracking server is never the reason a run dies or waits: every MLflow call runs in a background
-sender (trainer/sender.py) with a bounded queue and retries, so ``log_metrics`` only enqueues. The run
-itself is created (or resumed) by that sender, so a server that is down at start-up only delays it.
-Every metrics row is first appended to ``metrics.jsonl`` in the output directory, whatever happens to
-the server; at the end the summary says how many rows never reached it.
+sender (trainer/tracking/sender.py) with a bounded queue and retries, so ``log_metrics`` only
+enqueues. The run itself is created (or resumed) by that sender, so a server that is down at start-up
+only delays it. Every metrics row is first appended to ``metrics.jsonl`` in the output directory,
+whatever happens to the server; at the end the summary says how many rows never reached it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 
 from trainer import config as config_lib
 from trainer.config import ConfigError, RunConfig, TrackingConfig
-from trainer.loss_curve import plot_loss_curve
-from trainer.provenance import run_tags
-from trainer.sender import Row, Sender, Task
-from trainer.trackers import MetricsFile, NullTracker, Tracker
+from trainer.tracking.base import MetricsFile, NullTracker, Tracker
+from trainer.tracking.loss_curve import plot_loss_curve
+from trainer.tracking.provenance import run_tags
+from trainer.tracking.sender import Row, Sender, Task
 
 __all__ = [
     "MetricsFile",

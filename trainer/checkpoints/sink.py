@@ -13,8 +13,8 @@ from typing import Protocol
 
 import torch.distributed as dist
 
+from trainer.checkpoints.state import TrainerState, find_checkpoints, write_manifest
 from trainer.config import RunConfig
-from trainer.resume import TrainerState, find_checkpoints, write_manifest
 
 
 class CheckpointSink(Protocol):

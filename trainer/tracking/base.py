@@ -1,6 +1,6 @@
 """The Tracker protocol and the trackers that need no server: NullTracker and MetricsFile.
 
-trainer/tracking.py adds the MLflow one (and re-exports these); the training loop sees only the protocol.
+trainer/tracking/mlflow_tracker.py adds the MLflow one; the training loop sees only the protocol.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.artifacts import atomic_write_text
+from trainer.checkpoints import atomic_write_text
 
 
 class Tracker(Protocol):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.artifacts import atomic_write_text
+from trainer.checkpoints.atomic import atomic_write_text
 from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from trainer.artifacts import atomic_dir, file_lock
+from trainer.checkpoints import atomic_dir, file_lock
 from trainer.config import TinyModelSpec
 
 log = logging.getLogger(__name__)

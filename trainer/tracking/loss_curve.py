@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from trainer.artifacts import atomic_write_bytes
+from trainer.checkpoints import atomic_write_bytes
 
 
 def read_rows(metrics_jsonl: Path) -> list[dict[str, float]]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from trainer.adapters import REGISTRY, adapter_layers, rank_map
 from trainer.adapters.base_layers import is_fan_in_fan_out, is_supported
-from trainer.artifacts import atomic_dir
+from trainer.checkpoints import atomic_dir
 from trainer.config import AdapterConfig
 
 PEFT_PREFIX = "base_model.model."
