@@ -2,7 +2,7 @@
 
 ``train CONFIG [section.key=value ...]`` fine-tunes; ``submit`` sends the same as a Ray Job;
 ``runs`` lists and compares recent MLflow runs; ``merge RUN_DIR_OR_ADAPTER --out DIR`` folds an
-adapter into its base.
+adapter into its base; ``generate`` and ``eval`` use a fine-tuned run (launch/use.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from launch import submit as submit_lib
+from launch import use as use_lib
 from launch.env import (
     apply_defaults,
     clear_stale_build_locks,
@@ -26,6 +27,12 @@ from launch.env import (
 from launch.runs import DEMO_STORE
 from trainer import config as config_lib
 from trainer.config import ConfigError
+from trainer.data import DataError
+from trainer.export import MergeError
+from trainer.inference.trained import InferenceError
+
+# What a user gets wrong: one line naming it, and exit code 2.
+USAGE_ERRORS = (ConfigError, FileNotFoundError, DataError, InferenceError, MergeError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("source", type=Path, help="a run directory (its adapter/) or an adapter directory")
     merge.add_argument("--out", type=Path, required=True, help="where to write the merged model directory")
     merge.add_argument("--base", help="base model path, if not the one recorded with the adapter")
+    use_lib.add_parsers(verbs)
     return parser
 
 
@@ -121,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        verbs = {"train": cmd_train, "runs": cmd_runs, "merge": cmd_merge, "submit": submit_lib.cmd_submit}
+        verbs = {
+            "train": cmd_train, "runs": cmd_runs, "merge": cmd_merge, "submit": submit_lib.cmd_submit,
+            "generate": use_lib.cmd_generate, "eval": use_lib.cmd_eval,
+        }  # fmt: skip
         return verbs[args.verb](args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -140,13 +140,53 @@ def row_segments(
         return chat_segments(
             _messages(row, cfg.messages_field), tokenizer, template, cfg.train_on_prompt
         ), False
-    prompt = _string(row, cfg.prompt_field)
-    extra = row.get(cfg.input_field)
-    if isinstance(extra, str) and extra:
-        rendered = cfg.input_template.format(prompt=prompt, input=extra)
-    else:
-        rendered = cfg.prompt_template.format(prompt=prompt)
+    rendered = instruction_prompt(_string(row, cfg.prompt_field), row.get(cfg.input_field), cfg)
     return [(rendered, cfg.train_on_prompt, True), (_string(row, cfg.response_field), True, False)], True
+
+
+def instruction_prompt(prompt: str, extra: Any, cfg: DataConfig) -> str:
+    """An instruction row's prompt text: ``input_template`` when it has a non-empty input."""
+    if isinstance(extra, str) and extra:
+        return cfg.input_template.format(prompt=prompt, input=extra)
+    return cfg.prompt_template.format(prompt=prompt)
+
+
+def prompt_ids(prompt: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids a model trained on ``cfg``'s format meets before its answer, for ``prompt``.
+
+    The same rendering as training's: text is tokenised as is (with BOS); an instruction goes through
+    the prompt template (with BOS); a chat prompt is one user turn rendered with the generation prompt.
+    """
+    if cfg.format == "chat":
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template(cfg, tokenizer), tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+    text = prompt if cfg.format == "text" else instruction_prompt(prompt, None, cfg)
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def prompt_and_reference(
+    row: dict[str, Any], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], str]:
+    """An instruction or chat row as a generation task: the prompt's ids and the expected answer (the
+    response, or the conversation's last assistant turn). Raises BadRowError for what cannot be one."""
+    if cfg.format == "instruction":
+        rendered = instruction_prompt(_string(row, cfg.prompt_field), row.get(cfg.input_field), cfg)
+        return list(tokenizer(rendered, add_special_tokens=True)["input_ids"]), _string(
+            row, cfg.response_field
+        )
+    if cfg.format == "chat":
+        messages = _messages(row, cfg.messages_field)
+        if not messages or messages[-1]["role"] != "assistant":
+            raise BadRowError("no_answer", "the conversation does not end with an assistant turn")
+        text = tokenizer.apply_chat_template(
+            messages[:-1], chat_template=chat_template(cfg, tokenizer), tokenize=False,
+            add_generation_prompt=True,
+        )  # fmt: skip
+        return list(tokenizer(str(text), add_special_tokens=False)["input_ids"]), messages[-1]["content"]
+    raise BadRowError("format", "text rows have no prompt and answer: exact match needs instruction or chat")
 
 
 def chat_template(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str | None:

@@ -60,6 +60,9 @@ def load_base_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) 
         attn_implementation=cfg.attn_implementation,
         local_files_only=True,
     )
+    # Every 4-bit base is guarded as it is loaded, for inference too (merge, generate, eval): the CPU
+    # repack also corrupts every dequantised read of the weight, not only the gradients.
+    guard_4bit_gradients(model)
     return model
 
 
@@ -79,8 +82,9 @@ def guard_4bit_gradients(model: nn.Module) -> int:
 def prepare_model(cfg: RunConfig, device: torch.device) -> PreTrainedModel:
     """Base model -> trainable adapter model, in the one order that works:
 
-    1. load (quantising at load: weights never exist in full precision on the device);
-    2. guard the 4-bit layers against the CPU inference repack, before any forward can trigger it;
+    1. load (quantising at load: weights never exist in full precision on the device), the 4-bit
+       layers guarded against the CPU inference repack before any forward can trigger it;
+    2. train mode, since from_pretrained returns the model in eval mode;
     3. inject adapters (seeded, so every rank starts from the same adapter weights);
     4. freeze everything but the adapters;
     5. gradient checkpointing last, so it wraps the layers that now hold adapters.
@@ -88,7 +92,6 @@ def prepare_model(cfg: RunConfig, device: torch.device) -> PreTrainedModel:
     """
     dtype = DTYPES[cfg.train.dtype]
     model = load_base_model(cfg.model, dtype, device)
-    guard_4bit_gradients(model)
     model.train()
     torch.manual_seed(cfg.train.seed)
     names = inject_adapters(model, cfg.adapter, dtype)

@@ -6,7 +6,8 @@
   never the reason a run dies or waits;
 - ``provenance``: the run's tags (job ids, hardware, commit, versions);
 - ``loss_curve``: the loss curve PNG drawn from metrics.jsonl;
-- ``rank_stats``: per-rank measurements (peak memory) gathered to rank 0.
+- ``rank_stats``: per-rank measurements (peak memory) gathered to rank 0;
+- ``posthoc``: results computed after the run (an evaluation) logged to it, or to a child run.
 
 mlflow itself is imported inside the functions that use it, so importing this package is cheap.
 """
@@ -26,6 +27,7 @@ from trainer.tracking.mlflow_tracker import (
     resolve_tracking,
     start_tracking,
 )
+from trainer.tracking.posthoc import log_to_run
 from trainer.tracking.provenance import cpu_model, git_tags, hardware, run_tags
 from trainer.tracking.rank_stats import gather_to_rank0, memory_metrics, peak_memory_mb
 from trainer.tracking.sender import Row, Sender, SenderReport, Task
@@ -47,6 +49,7 @@ __all__ = [
     "hardware",
     "is_permanent",
     "log_outputs",
+    "log_to_run",
     "make_tracker",
     "memory_metrics",
     "peak_memory_mb",
