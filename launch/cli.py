@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("source", type=Path, help="a run directory (its adapter/) or an adapter directory")
     merge.add_argument("--out", type=Path, required=True, help="where to write the merged model directory")
     merge.add_argument("--base", help="base model path, if not the one recorded with the adapter")
+    merge.add_argument(
+        "--device", default="cpu", help="where to rebuild the 4-bit base and merge (cpu, cuda); default cpu"
+    )
+    merge.add_argument(
+        "--allow-base-mismatch", action="store_true",
+        help="merge even if the re-quantised 4-bit base differs from the one the adapter trained on",
+    )  # fmt: skip
     use_lib.add_parsers(verbs)
     return parser
 
@@ -69,7 +76,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from trainer.export import MergeError, merge_adapter
 
     try:
-        out = merge_adapter(args.source, args.out, args.base)
+        out = merge_adapter(args.source, args.out, args.base, args.device, args.allow_base_mismatch)
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,15 +25,14 @@ OFFLINE_DEFAULTS = {
 
 
 def apply_defaults() -> dict[str, str]:
-    """Set the offline defaults where the user has not; returns the variables workers must inherit."""
-    import torch
+    """Set the offline defaults where the user has not; returns the variables workers must inherit.
 
+    Never DeepSpeed's accelerator (DS_ACCELERATOR): this process may have no GPU where its workers have
+    some (a login node, a Ray head), so each worker chooses its own (trainer.device.select_accelerator).
+    """
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed (and warned about) by DeepSpeed
-    inherited = [*OFFLINE_DEFAULTS, "DS_ACCELERATOR"]
-    return {key: os.environ[key] for key in inherited if key in os.environ}
+    return {key: os.environ[key] for key in OFFLINE_DEFAULTS}
 
 
 def clear_stale_build_locks(max_age_s: float = 900) -> list[Path]:

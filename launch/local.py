@@ -19,14 +19,25 @@ from typing import Any
 
 from trainer import config as config_lib
 from trainer.config import RunConfig
+from trainer.device import check_gpu_count, resolve_use_gpu, select_accelerator
 
 INIT_METHOD_ENV = "RIEMANN_TUNE_INIT_METHOD"  # how a spawned worker learns where to meet its peers
 
 
 def run_local(cfg: RunConfig) -> dict[str, Any] | None:
-    """Run in-process when this is a worker (world of one, or spawned/torchrun), else spawn N workers."""
+    """Run in-process when this is a worker (world of one, or spawned/torchrun), else spawn N workers.
+
+    ``use_gpu: null`` is resolved here, once, from this machine, and the spawned workers get the answer;
+    N workers on GPUs need N GPUs (each takes GPU number LOCAL_RANK).
+    """
     spawned = "RANK" in os.environ
+    use_gpu = resolve_use_gpu(cfg.distributed.use_gpu)
+    if use_gpu and not spawned:  # a spawned worker checks its own LOCAL_RANK (trainer.device)
+        import torch
+
+        check_gpu_count(cfg.distributed.num_workers, 1, torch.cuda.device_count(), "this machine")
     if cfg.distributed.num_workers == 1 or spawned:
+        select_accelerator(use_gpu)  # before trainer.worker imports DeepSpeed
         # Imported here: a launcher that only spawns workers need not load torch's training stack.
         from trainer.checkpoints import DirectorySink
         from trainer.worker import run_worker
@@ -41,8 +52,13 @@ def run_local(cfg: RunConfig) -> dict[str, Any] | None:
         except BaseException:
             leave_process_group(together=False)
             raise
-    spawn_workers(cfg)
+    spawn_workers(with_use_gpu(cfg, use_gpu))
     return None
+
+
+def with_use_gpu(cfg: RunConfig, use_gpu: bool) -> RunConfig:
+    """``cfg`` with ``distributed.use_gpu`` resolved: workers must not decide it again, elsewhere."""
+    return cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"use_gpu": use_gpu})})
 
 
 def leave_process_group(together: bool = False) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import socket
@@ -24,12 +25,13 @@ import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.backend import Backend, BackendConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from launch.env import is_loopback
-from launch.local import leave_process_group
+from launch.local import leave_process_group, with_use_gpu
 from trainer.checkpoints import TrainerState, latest_usable, write_manifest
 from trainer.config import RunConfig
+from trainer.device import check_gpu_count, select_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,15 @@ class RaySink:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _join_file_store(url: str, backend: str, rank: int, world_size: int) -> None:
+def _join_file_store(url: str, backend: str, rank: int, world_size: int, timeout_s: int) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     # Every peer is on this machine: gloo's pairs talk over loopback, never through a looked-up hostname.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(backend, init_method=url, rank=rank, world_size=world_size)
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=url, rank=rank, world_size=world_size, timeout=timeout)
 
 
 class _FileStoreBackend(Backend):
@@ -80,8 +85,12 @@ class _FileStoreBackend(Backend):
         # failure) meets through a new file.
         store = Path(backend_config.store_dir) / f".rendezvous-{uuid.uuid4().hex}"
         n, url, backend = len(worker_group), f"file://{store}", backend_config.backend
+        timeout = backend_config.timeout_s
         ray.get(
-            [worker_group.execute_single_async(i, _join_file_store, url, backend, i, n) for i in range(n)]
+            [
+                worker_group.execute_single_async(i, _join_file_store, url, backend, i, n, timeout)
+                for i in range(n)
+            ]
         )
 
     def on_shutdown(self, worker_group: Any, backend_config: BackendConfig) -> None:
@@ -102,8 +111,6 @@ class _LocalTorchConfig(TorchConfig):
 
 
 def _train_fn(loop_config: dict[str, Any]) -> None:
-    from trainer.worker import run_worker  # here: the driver never trains, and need not load DeepSpeed
-
     ctx = ray.train.get_context()
     # DeepSpeed and our device choice read the torchrun-style variables.
     os.environ.update(
@@ -121,12 +128,20 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
     )
     sys.stdout.flush()
     cfg = RunConfig.model_validate(loop_config["config"])
+    use_gpu = bool(cfg.distributed.use_gpu)  # resolved by the driver (run_ray)
+    select_accelerator(use_gpu)  # before trainer.worker imports DeepSpeed
+    from trainer.worker import run_worker  # here: the driver never trains, and need not load DeepSpeed
+
+    # Ray's device for this worker: its own GPU among those the node shares, not LOCAL_RANK's.
+    device = get_device() if use_gpu else None
     # After a failure Ray restarts the workers. They continue from the newest whole checkpoint of this
     # launch on disk rather than from ray.train.get_checkpoint(): Ray registers a reported checkpoint
     # asynchronously, and a failure right after a report can lose the registration, not the files.
     restart_from = latest_usable(cfg.checkpoint_root / loop_config["run_name"])
     with RaySink(cfg.checkpoint.verify_hashes) as sink:
-        run_worker(cfg, sink, launcher="ray", job_id=loop_config["job_id"], resume_from=restart_from)
+        run_worker(
+            cfg, sink, launcher="ray", job_id=loop_config["job_id"], resume_from=restart_from, device=device
+        )
 
 
 @contextlib.contextmanager
@@ -209,11 +224,12 @@ def _drop_worker_lines(text: str) -> None:
 def _rendezvous(cfg: RunConfig, use_gpu: bool) -> TorchConfig:
     """A file store in the output directory when every node is on this machine, else Ray's TCP store."""
     backend = "nccl" if use_gpu else "gloo"
+    timeout_s = math.ceil(cfg.distributed.collective_timeout_s)
     if cfg.distributed.ray_address and not _nodes_on_this_machine():
         log.info("the Ray cluster spans several machines: workers meet through Ray's TCP store")
-        return TorchConfig(backend=backend)
+        return TorchConfig(backend=backend, timeout_s=timeout_s)
     log.info("every node of the Ray cluster is on this machine: workers meet through a file store")
-    return _LocalTorchConfig(backend=backend, store_dir=cfg.output.dir)
+    return _LocalTorchConfig(backend=backend, timeout_s=timeout_s, store_dir=cfg.output.dir)
 
 
 def _scaling(cfg: RunConfig, use_gpu: bool) -> ScalingConfig:
@@ -238,8 +254,13 @@ def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
         )
     _connect(cfg, env)
     try:
-        # use_gpu null: GPUs when the cluster has any (the driver's own node may have none)
-        use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        # use_gpu null: GPUs when the cluster has any (the driver's own node may have none); resolved
+        # here, once, for every worker
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = d.use_gpu if d.use_gpu is not None else gpus > 0
+        if use_gpu:  # Ray would wait forever for GPUs the cluster does not have
+            check_gpu_count(d.num_workers, d.gpus_per_worker, gpus, "the Ray cluster")
+        cfg = with_use_gpu(cfg, use_gpu)
         # One Ray run per launch: Ray would otherwise restore a same-named run by itself; resuming
         # across launches is the config's decision (resume=auto finds checkpoints of any launch).
         run_name = f"{Path(cfg.output.dir).name}-{job_id[:8]}"

@@ -18,6 +18,10 @@ os.environ.update(
     RAY_USAGE_STATS_ENABLED="0",
     TOKENIZERS_PARALLELISM="false",
 )
+# DeepSpeed picks its accelerator once, when first imported: the test process and the harnesses it starts
+# train on the CPU even on a GPU host. Workers started through the launchers choose their own
+# (trainer.device.select_accelerator), so a GPU test's workers still get CUDA.
+os.environ["DS_ACCELERATOR"] = "cpu"
 os.environ.setdefault("HF_HOME", str(ROOT / ".cache" / "huggingface"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 # Under pytest -n N each worker, and every process it starts, gets its share of the cores: N workers each
@@ -53,7 +57,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         module = _module(item)
         item.add_marker(pytest.mark.xdist_group("clusters" if module in CLUSTER_MODULES else module))
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason=NO_GPU))
     items.sort(key=lambda item: _rank(_module(item)))
+
+
+# Why a `gpu` test did not run (pytest -ra lists it): a GPU test can never fail on a machine without one.
+NO_GPU = "gpu: needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False here)"
 
 
 def _rank(module: str) -> int:
@@ -93,6 +103,8 @@ def make_config(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., RunConfig
                 "max_seq_len": 96,
             },
             "train": {"max_steps": 4, "micro_batch_size": 4},
+            # CPU tests stay on the CPU on a GPU host too (2-worker runs would need 2 GPUs otherwise)
+            "distributed": {"use_gpu": False},
             "tracking": {"enabled": False},
             "output": {"dir": str(tmp_path / "run")},
         }

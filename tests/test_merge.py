@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tests.adapter_cases import MERGEABLE, adapted, adapter_config, load_base, logits, perturb, rel_err
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, write_config
+from trainer.adapters.base_layers import is_quantized
+from trainer.config import RunConfig
 from trainer.export import MergeError, adapter_state_dict, merge_adapter, save_adapter
+from trainer.model import quantized_digest
 
 pytestmark = pytest.mark.unit
 
@@ -84,3 +88,56 @@ def test_cli_refuses_mosara_with_exit_code_2(base4: nn.Module, tiny_model_dir: P
 def test_not_an_adapter_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="neither an adapter directory nor a run directory"):
         merge_adapter(tmp_path, tmp_path / "merged")
+
+
+# -- the 4-bit base a merge rebuilds is the one the adapter trained on ---------------------------------
+
+
+def test_the_base_digest_is_stable_and_sees_one_changed_bit(base4: nn.Module, tiny_model_dir: Path) -> None:
+    again = load_base(tiny_model_dir, "nf4", torch.float32)
+    assert quantized_digest(again) == quantized_digest(base4) is not None
+    assert quantized_digest(adapted(base4, "lora")) == quantized_digest(base4), "wrapping moved the layers"
+    layer = next(m for m in again.modules() if is_quantized(m))
+    layer.weight.data.view(torch.uint8).view(-1)[0] ^= 1
+    assert quantized_digest(again) != quantized_digest(base4)
+    assert quantized_digest(nn.Linear(4, 4)) is None
+
+
+def test_a_merge_refuses_a_base_requantised_to_other_bits(
+    base4: nn.Module, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run on a GPU quantised its base with bitsandbytes' CUDA kernel; a merge on a CPU re-quantises
+    with another. Same bits: the merge goes on; other bits: an error naming both, unless allowed."""
+    model = adapted(base4, "lora").eval()
+    perturb(model)
+    for name, digest in (("same", quantized_digest(base4)), ("other", "0" * 64)):
+        save_adapter(
+            adapter_state_dict(model), model, adapter_config("lora"), str(tiny_model_dir), tmp_path / name,
+            quantization="nf4", dtype="fp32", base_digest=digest, quantized_on="cuda",
+        )  # fmt: skip
+    merge_adapter(tmp_path / "same", tmp_path / "merged-same")
+    expected = r"differs from the one the adapter was trained on \(quantised on cuda, sha256 000000000000\)"
+    with pytest.raises(MergeError, match=expected + r".*--device cuda.*--allow-base-mismatch"):
+        merge_adapter(tmp_path / "other", tmp_path / "merged-other")
+    assert not (tmp_path / "merged-other").exists()
+    merge_adapter(tmp_path / "other", tmp_path / "merged-anyway", allow_base_mismatch=True)
+    assert (tmp_path / "merged-anyway" / "config.json").is_file()
+    assert "merging anyway" in caplog.text
+
+
+@pytest.mark.integration
+def test_a_trained_4bit_run_records_its_base_and_merges_against_it(
+    make_config: Callable[..., RunConfig], base4: nn.Module, tmp_path: Path
+) -> None:
+    cfg = make_config("model.quantization=nf4", "train.max_steps=2", "train.eval_every_n_steps=0")
+    run_cli("train", str(write_config(cfg, tmp_path / "run.yaml")))
+    meta_path = Path(cfg.output.dir) / "adapter" / "riemann_tune.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["base_digest"] == quantized_digest(base4) and meta["quantized_on"] == "cpu"
+    run_cli("merge", cfg.output.dir, "--out", str(tmp_path / "merged"))
+    meta_path.write_text(json.dumps({**meta, "base_digest": "f" * 64}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch", "merge", cfg.output.dir, "--out", str(tmp_path / "merged-other")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--allow-base-mismatch" in proc.stderr, proc.stderr[-3000:]

@@ -251,3 +251,21 @@ def test_attaching_twice_is_refused() -> None:
     pre.attach(_adapted())
     with pytest.raises(RuntimeError, match="already attached"):
         pre.attach(_adapted())
+
+
+def test_the_gpus_sync_free_inverse_equals_the_float64_inverse() -> None:
+    """GPUs invert through a triangular solve (no error codes copied to the host, unlike
+    cholesky_inverse); it must give the same inverses, failed factorisations included."""
+    from trainer.optim.riemannian import inverse_from_cholesky, triangular_inverse
+
+    a = torch.randn(6, 5, 15, dtype=torch.float64)
+    grams = a @ a.mT + 1e-2 * torch.eye(5, dtype=torch.float64)
+    chol = torch.linalg.cholesky(grams.float())
+    want = torch.linalg.inv(grams)
+    assert torch.allclose(triangular_inverse(chol).double(), want, rtol=1e-4, atol=1e-6)
+    assert torch.equal(inverse_from_cholesky(chol), torch.cholesky_inverse(chol)), (
+        "CPU keeps cholesky_inverse"
+    )
+    singular = torch.zeros(1, 5, 5)
+    singular.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # what _inverse leaves of a failed factorisation
+    assert torch.equal(triangular_inverse(singular), torch.eye(5).unsqueeze(0))

@@ -73,7 +73,17 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    """Attention kernel passed to transformers. flash_attention_2 needs train.dtype: bf16, a GPU and the
+    flash-attn package (the ``flash-attn`` extra; in docker/Dockerfile.cuda)."""
+
+
+# What model.attn_implementation: flash_attention_2 needs (checked here for the dtype, where the model is
+# loaded for the package): the one message for both, so whoever meets one learns the other.
+FLASH_ATTENTION_NEEDS = (
+    "model.attn_implementation: flash_attention_2 needs train.dtype: bf16 (FlashAttention-2 has no fp32 "
+    "kernels) and the flash-attn package on every GPU worker (pip install 'riemann-tune[flash-attn]', "
+    "or docker/Dockerfile.cuda); otherwise use sdpa"
+)
 
 
 AdapterMethod = Literal["lora", "dora", "bone", "bat", "flora", "sara", "mosara"]
@@ -290,7 +300,12 @@ class DistributedConfig(Section):
     max_failures: int = Field(0, ge=0)
     """Ray: restart the workers from the last checkpoint up to this many times after a failure."""
     gpus_per_worker: float = Field(1.0, gt=0)
-    """GPUs Ray reserves for each worker when it trains on GPUs (fractions share a GPU)."""
+    """GPUs Ray reserves for each worker when it trains on GPUs: a whole number (each rank needs a GPU
+    of its own under NCCL; a worker given several uses the first)."""
+    collective_timeout_s: float = Field(1800.0, gt=0)
+    """How long a collective (a barrier included) may wait for the slowest rank before the run fails.
+    Ranks wait for rank 0 while it tokenises the data, converts a checkpoint or uploads the outputs;
+    NCCL's and DeepSpeed's default of 10 minutes would kill such a run."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How Ray places the workers' resource bundles on nodes: PACK fills few nodes, SPREAD spreads over
     many (best effort), STRICT_* insist (and wait for a placement that fits)."""
@@ -299,6 +314,19 @@ class DistributedConfig(Section):
     ray_dashboard_host: str = "127.0.0.1"
     """Interface the local cluster's dashboard and Jobs API bind to. Anything but loopback lets whoever
     reaches the port run code on the cluster (CVE-2023-48022): only behind a firewall you control."""
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus(cls, gpus: float, info: ValidationInfo) -> float:
+        if info.data.get("use_gpu") is not False and gpus != int(gpus):
+            raise PydanticCustomError(
+                "config",
+                "{gpus} is not a whole number: two ranks sharing one GPU cannot train under NCCL, which "
+                "refuses two ranks on the same device; use 1 (or more) GPUs per worker, or "
+                "distributed.use_gpu=false",
+                {"gpus": gpus},
+            )
+        return gpus
 
 
 class TrainConfig(Section):
@@ -414,6 +442,13 @@ class RunConfig(Section):
                 "adapter.method={method} has none (only {paired} do): set optim.preconditioner: none",
                 {"method": self.adapter.method, "paired": ", ".join(sorted(PAIRED_METHODS))},
             )
+        return self
+
+    @model_validator(mode="after")
+    def _flash_attention_needs_bf16(self) -> RunConfig:
+        if self.model.attn_implementation == "flash_attention_2" and self.train.dtype != "bf16":
+            raise PydanticCustomError("config", FLASH_ATTENTION_NEEDS + " (train.dtype is {dtype})",
+                                      {"dtype": self.train.dtype})  # fmt: skip
         return self
 
     @property

@@ -11,33 +11,44 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
-from trainer.config import RunConfig
+from trainer.config import DistributedConfig, RunConfig
+from trainer.device import accelerator_name
 
 log = logging.getLogger(__name__)
 
 
-def init_distributed(use_gpu: bool, init_method: str | None = None) -> None:
+DEFAULT_TIMEOUT_S: float = DistributedConfig.model_fields["collective_timeout_s"].default
+
+
+def init_distributed(
+    use_gpu: bool, init_method: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
     """Join (or create) the process group: NCCL on GPUs, gloo on CPUs.
 
-    Under Ray Train the group already exists and is reused. ``init_method`` (e.g. a ``file://`` store)
-    overrides torchrun's ``env://``. A lone process becomes a world of one over an in-memory store: no
-    rendezvous file to clean up, no socket.
+    Under Ray Train the group already exists and is reused (Ray's backend set its timeout). ``init_method``
+    (e.g. a ``file://`` store) overrides torchrun's ``env://``. A lone process becomes a world of one over
+    an in-memory store: no rendezvous file to clean up, no socket. ``timeout_s`` bounds every collective
+    (``distributed.collective_timeout_s``): DeepSpeed's and NCCL's default is 10 minutes.
     """
+    check_accelerator(use_gpu)
     backend = "nccl" if use_gpu else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     if "RANK" not in os.environ and init_method is None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         return
@@ -48,17 +59,56 @@ def init_distributed(use_gpu: bool, init_method: str | None = None) -> None:
         world_size=int(os.environ["WORLD_SIZE"]),
         auto_mpi_discovery=False,
         verbose=False,
+        timeout=timeout,
     )
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+def check_accelerator(use_gpu: bool) -> None:
+    """DeepSpeed chose its accelerator when it was imported: it must be the one this worker trains on
+    (trainer.device.select_accelerator sets it before the import)."""
+    chosen, wanted = get_accelerator().device_name(), accelerator_name(use_gpu)
+    if chosen != wanted:
+        raise RuntimeError(
+            f"DeepSpeed runs on its {chosen!r} accelerator but this worker trains on {wanted!r}: "
+            f"call trainer.device.select_accelerator({use_gpu}) before deepspeed is first imported "
+            f"(or set DS_ACCELERATOR={wanted} in this worker's environment)"
+        )
+
+
+# DeepSpeed's default ZeRO bucket (5e8 elements; ZeRO-1/2 keep one, two with overlap_comm) is sized for
+# training every weight: preallocated on a GPU, it reserves 1-4 GB for a few million adapter parameters.
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+BUCKET_QUANTUM = 2**20
+
+
+def zero_bucket_elements(trainable_params: int) -> int:
+    """Elements of one ZeRO reduce (and all-gather) bucket for ``trainable_params`` trainable parameters.
+
+    Big enough for the whole step's gradients (one reduction per bucket type and step, nothing split),
+    rounded up to a MiB of elements (an even count, as DeepSpeed's all-gather alignment asks), and never
+    more than DeepSpeed's default. Memory planners count ``(1 + overlap_comm)`` such buffers per rank in
+    the gradient dtype.
+    """
+    quanta = max(1, -(-trainable_params // BUCKET_QUANTUM))
+    return min(DEEPSPEED_DEFAULT_BUCKET, quanta * BUCKET_QUANTUM)
+
+
+def deepspeed_config(
+    cfg: RunConfig, world_size: int, trainable_params: int, load_universal: bool = False
+) -> dict[str, Any]:
     """The DeepSpeed JSON config, derived from the typed RunConfig (never written by hand).
 
-    ``load_universal``: the checkpoint to resume from was converted to DeepSpeed's universal format
-    (written with another world size).
+    ``trainable_params`` sizes the ZeRO buckets (``zero_bucket_elements``). ``load_universal``: the
+    checkpoint to resume from was converted to DeepSpeed's universal format (written with another world
+    size).
     """
     t, d = cfg.train, cfg.distributed
-    zero: dict[str, Any] = {"stage": d.zero_stage}
+    bucket = zero_bucket_elements(trainable_params)
+    zero: dict[str, Any] = {
+        "stage": d.zero_stage,
+        "reduce_bucket_size": bucket,  # ZeRO 1-3: gradients
+        "allgather_bucket_size": bucket,  # ZeRO 1-2: updated partitions
+    }
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.zero_stage == 3:
@@ -87,17 +137,25 @@ def build_engine(
     cfg: RunConfig,
     load_universal: bool = False,
 ) -> Any:
-    """Wrap model and optimizer in a DeepSpeedEngine (data parallel over the current process group)."""
+    """Wrap model and optimizer in a DeepSpeedEngine (data parallel over the current process group).
+
+    DeepSpeed would move to GPU number LOCAL_RANK; ``device_rank`` keeps it on the model's own device
+    (under Ray a worker's GPU need not be its local rank's).
+    """
     world_size = dist.get_world_size()
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    device = next(model.parameters()).device
+    device_rank = device.index if device.type == "cuda" else int(os.environ.get("LOCAL_RANK", 0))
     if cfg.distributed.zero_stage == 0 and cfg.train.dtype == "fp32":
         # The only configuration where DeepSpeed hands the client optimizer the raw gradients without
         # checking them first (ZeRO 1-3 and bf16 skip a step whose gradient norm is not finite).
         optimizer = FiniteStepGuard(optimizer)
     engine, *_ = deepspeed.initialize(
+        args=argparse.Namespace(device_rank=device_rank),
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size, load_universal),
+        config=deepspeed_config(cfg, world_size, trainable, load_universal),
     )
     return engine
 

@@ -33,6 +33,7 @@ from trainer.checkpoints import (
 )
 from trainer.config import RunConfig
 from trainer.data import build_data
+from trainer.device import local_device, resolve_use_gpu
 from trainer.engine import (
     build_engine,
     convert_to_universal,
@@ -43,7 +44,7 @@ from trainer.engine import (
 )
 from trainer.export import adapter_state_dict, save_adapter
 from trainer.loop import LoopSettings, LoopState, train
-from trainer.model import count_parameters, load_tokenizer, prepare_model
+from trainer.model import count_parameters, load_tokenizer, prepare_model, quantized_digest
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.tracking import Tracker, log_outputs, memory_metrics, start_tracking
 
@@ -85,26 +86,30 @@ def run_worker(
     init_method: str | None = None,
     job_id: str | None = None,
     resume_from: Path | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` in this worker; rank 0 writes the outputs. Returns the run summary.
 
     ``resume_from`` (a checkpoint directory) wins over ``cfg.resume``; Ray passes it when it restarts
     the workers after a failure. ``job_id`` names one launch, so that restarts within it keep one
-    MLflow run even before the first checkpoint exists.
+    MLflow run even before the first checkpoint exists. ``device``: the launcher's device for this
+    worker (Ray's); else GPU number LOCAL_RANK, or the CPU.
     """
     wall_start = time.perf_counter()
-    use_gpu = cfg.distributed.use_gpu if cfg.distributed.use_gpu is not None else torch.cuda.is_available()
-    init_distributed(use_gpu, init_method)
+    use_gpu = resolve_use_gpu(cfg.distributed.use_gpu)
+    if device is None:
+        device = local_device(use_gpu, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL: its communicator binds to the current device
+    init_distributed(use_gpu, init_method, cfg.distributed.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_gpu else torch.device("cpu")
-    if use_gpu:
-        torch.cuda.set_device(device)
     resume_dir = resume_from or resolve(cfg, cfg.checkpoint_root)
     saved = TrainerState.read(resume_dir) if resume_dir else None
 
     tokenizer = load_tokenizer(cfg.model.path)
     model = prepare_model(cfg, device)
+    base_digest = quantized_digest(model) if rank == 0 else None  # while whole: before ZeRO-3 partitions
     run_fingerprint = fingerprint(cfg, [name for name, _ in adapter_layers(model)])
     if saved:
         check_compatible(saved, run_fingerprint, resume_dir)  # type: ignore[arg-type]
@@ -165,7 +170,7 @@ def run_worker(
     if preconditioner:
         summary["preconditioner_fallbacks"] = preconditioner.fallbacks
     summary["data"] = plan.stats()
-    _write_outputs(cfg, model, tracker, summary)
+    _write_outputs(cfg, model, tracker, summary, base_digest)
     return summary
 
 
@@ -208,7 +213,9 @@ def _summary(
     }
 
 
-def _write_outputs(cfg: RunConfig, model: torch.nn.Module, tracker: Tracker, summary: dict[str, Any]) -> None:
+def _write_outputs(
+    cfg: RunConfig, model: torch.nn.Module, tracker: Tracker, summary: dict[str, Any], base_digest: str | None
+) -> None:
     """adapter/ (PEFT format), config.yaml and summary.json, all atomic; rank 0 writes, all gather."""
     import json
 
@@ -220,7 +227,8 @@ def _write_outputs(cfg: RunConfig, model: torch.nn.Module, tracker: Tracker, sum
     out = Path(cfg.output.dir)
     save_adapter(
         state, model, cfg.adapter, cfg.model.path, out / "adapter",
-        quantization=cfg.model.quantization, dtype=cfg.train.dtype,
+        quantization=cfg.model.quantization, dtype=cfg.train.dtype, base_digest=base_digest,
+        quantized_on=next(model.parameters()).device.type,
     )  # fmt: skip
     atomic_write_text(out / "config.yaml", config_lib.to_yaml(cfg))
     summary.update(tracker.flush())  # queued metrics delivered (or counted as dropped) first

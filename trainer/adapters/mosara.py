@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.adapters.base_layers import BaseLayerInfo, base_weight
+from trainer.adapters.base_layers import BaseLayerInfo, base_weight, weight_of
 from trainer.adapters.layer import Adapter
-from trainer.adapters.sara import svd_rank
+from trainer.adapters.sara import from_rank0, svd_rank
 from trainer.config import AdapterConfig
 
 FORMAT_VERSION = 1
@@ -53,9 +53,13 @@ class MoSARA(Adapter):
     def from_base(
         cls, base_layer: nn.Module, info: BaseLayerInfo, cfg: AdapterConfig, rank: int | None = None
     ) -> Adapter:
-        u, s, vh = torch.linalg.svd(base_weight(base_layer, torch.float32), full_matrices=False)
-        k = min(rank or svd_rank(s, cfg.sara), s.numel())
-        return cls(info, cfg, u[:, :k], vh[:k].T)
+        def top_k() -> list[torch.Tensor]:
+            u, s, vh = torch.linalg.svd(base_weight(base_layer, torch.float32), full_matrices=False)
+            k = min(rank or svd_rank(s, cfg.sara), s.numel())
+            return [u[:, :k], vh[:k].T]
+
+        u_k, v_k = from_rank0(top_k, 2, weight_of(base_layer).device)  # the same on every rank: rank 0's
+        return cls(info, cfg, u_k, v_k)
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         y = base_layer(x)

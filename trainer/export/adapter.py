@@ -58,11 +58,15 @@ def save_adapter(
     *,
     quantization: str = "none",
     dtype: str = "fp32",
+    base_digest: str | None = None,
+    quantized_on: str = "cpu",
 ) -> None:
     """Write an adapter directory atomically (a crash leaves the previous one intact).
 
     ``quantization`` and ``dtype`` describe the base the adapter was trained on, so that a merge can
-    rebuild exactly that base (a 4-bit one dequantised to the compute dtype).
+    rebuild exactly that base (a 4-bit one dequantised to the compute dtype); ``base_digest``
+    (trainer.model.quantized_digest) and ``quantized_on`` (the device type that quantised it) let the
+    merge check that its re-quantised base has the same bits.
     """
     adapted = [name for name, _ in adapter_layers(model)]
     ranks = rank_map(model)
@@ -79,6 +83,8 @@ def save_adapter(
         "base_model": base_model,
         "quantization": quantization,
         "dtype": dtype,
+        "base_digest": base_digest,
+        "quantized_on": quantized_on,
     }
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -97,6 +103,8 @@ class SavedAdapter:
     quantization: Literal["nf4", "none"]
     dtype: Literal["fp32", "bf16"]
     tensors: dict[str, torch.Tensor]
+    base_digest: str | None = None
+    quantized_on: str = "cpu"
 
 
 def load_saved_adapter(adapter_dir: Path) -> SavedAdapter:
@@ -111,6 +119,8 @@ def load_saved_adapter(adapter_dir: Path) -> SavedAdapter:
         quantization=meta.get("quantization", "none"),
         dtype=meta.get("dtype", "fp32"),
         tensors=tensors,
+        base_digest=meta.get("base_digest"),
+        quantized_on=meta.get("quantized_on", "cpu"),
     )
 
 

@@ -20,7 +20,7 @@ from trainer.adapters.base_layers import base_weight, set_base_weight
 from trainer.checkpoints import atomic_dir
 from trainer.config import ModelConfig
 from trainer.export.adapter import OUR_CONFIG, SavedAdapter, load_adapter_state, load_saved_adapter
-from trainer.model import DTYPES, load_base_model
+from trainer.model import DTYPES, load_base_model, quantized_digest
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,42 @@ def merge_into_base(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedMod
     return model
 
 
-def merge_adapter(source: Path, out: Path, base_path: str | None = None) -> Path:
+def check_base_digest(saved: SavedAdapter, model: PreTrainedModel, allow_mismatch: bool) -> None:
+    """The re-quantised base must carry the bits the adapter was trained against (``base_digest``).
+
+    bitsandbytes' CPU and CUDA quantisers need not agree bit for bit, nor two versions of either: a
+    differing base is an error (the merged weights would not be the trained model's), or a warning with
+    ``allow_mismatch``. Adapters saved before digests were recorded are merged as they are.
+    """
+    if saved.base_digest is None:
+        return
+    here = quantized_digest(model)
+    if here == saved.base_digest:
+        return
+    device = next(model.parameters()).device.type
+    message = (
+        f"the 4-bit base rebuilt here (quantised on {device}, sha256 {str(here)[:12]}) differs from the one "
+        f"the adapter was trained on (quantised on {saved.quantized_on}, sha256 {saved.base_digest[:12]}): "
+        f"bitsandbytes' quantisers on different devices or versions need not give the same bits. Merge on "
+        f"the device it trained on (--device {saved.quantized_on}), or accept the difference with "
+        "--allow-base-mismatch"
+    )
+    if not allow_mismatch:
+        raise MergeError(message)
+    log.warning("%s; merging anyway", message)
+
+
+def merge_adapter(
+    source: Path,
+    out: Path,
+    base_path: str | None = None,
+    device: str = "cpu",
+    allow_base_mismatch: bool = False,
+) -> Path:
     """Merge the adapter at ``source`` (an adapter or run directory) and write the full model to ``out``.
 
-    ``base_path`` overrides the base model path recorded with the adapter (e.g. a moved copy).
+    ``base_path`` overrides the base model path recorded with the adapter (e.g. a moved copy). ``device``
+    quantises, dequantises and merges there (the whole dequantised model must fit in its memory).
     """
     adapter_dir = find_adapter_dir(source)
     saved = load_saved_adapter(adapter_dir)
@@ -84,7 +116,8 @@ def merge_adapter(source: Path, out: Path, base_path: str | None = None) -> Path
             "(a router mixes its experts), so no single weight reproduces it; serve it with the adapter"
         )
     base = base_path or saved.base_model
-    model = build_adapted_model(saved, base, torch.device("cpu"))
+    model = build_adapted_model(saved, base, torch.device(device))
+    check_base_digest(saved, model, allow_base_mismatch)
     merge_into_base(model, DTYPES[saved.dtype])
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

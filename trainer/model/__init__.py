@@ -13,6 +13,7 @@ from trainer.model.load import (
     load_tokenizer,
     prepare_model,
     quantization_supported,
+    quantized_digest,
 )
 from trainer.model.tiny import (
     build_tiny_model,
@@ -34,5 +35,6 @@ __all__ = [
     "prepare_model",
     "pretrain",
     "quantization_supported",
+    "quantized_digest",
     "train_tokenizer",
 ]

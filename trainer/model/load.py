@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +23,7 @@ from transformers import (
 
 from trainer.adapters import REGISTRY, freeze_base, inject_adapters, rank_map, rank_table
 from trainer.adapters.base_layers import is_quantized
-from trainer.config import ModelConfig, RunConfig
+from trainer.config import FLASH_ATTENTION_NEEDS, ConfigError, ModelConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +37,25 @@ def quantization_supported(device: torch.device) -> tuple[bool, str]:
     return False, f"bitsandbytes has no 4-bit kernels for device type {device.type!r}"
 
 
+def check_attention(cfg: ModelConfig, device: torch.device) -> None:
+    """FlashAttention-2 needs its package and a GPU where the model is loaded. Without the package
+    transformers falls back to fetching a kernel from the hub (offline: a failure deep in loading) or
+    fails on the import; say so first, naming what to install."""
+    if cfg.attn_implementation != "flash_attention_2":
+        return
+    missing = [
+        *(["the flash_attn module is not importable here"] if find_spec("flash_attn") is None else []),
+        *([f"the model is on {device.type}, not a GPU"] if device.type != "cuda" else []),
+    ]
+    if missing:
+        raise ConfigError(f"{FLASH_ATTENTION_NEEDS}: {'; '.join(missing)}")
+
+
 def load_base_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """Load the causal LM at ``cfg.path``, in 4-bit NF4 when asked and supported; never downloads."""
     if not (Path(cfg.path) / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {cfg.path} holds no transformers model (no config.json)")
+    check_attention(cfg, device)
     quantization = None
     if cfg.quantization == "nf4":
         ok, why = quantization_supported(device)
@@ -103,6 +121,31 @@ def prepare_model(cfg: RunConfig, device: torch.device) -> PreTrainedModel:
     if REGISTRY[cfg.adapter.method].adaptive_rank:
         log.info("%s ranks from the SVD rule:\n%s", cfg.adapter.method, rank_table(rank_map(model)))
     return model
+
+
+def quantized_digest(model: nn.Module) -> str | None:
+    """sha256 of every 4-bit layer's packed weight and quantisation state, in module order; None when the
+    model has no 4-bit layer.
+
+    A merge re-quantises the base, on whatever device it runs: bitsandbytes' CPU and CUDA kernels round
+    differently (torch bucketize against float bounds vs a CUDA kernel), and nothing promises the same
+    bits. Recorded at training time and compared at merge, this says whether the merged base is the one
+    the adapter was trained against. Call it before ZeRO-3 partitions the model; the module order (and so
+    the digest) does not change when adapters wrap the layers.
+    """
+    layers = [m for m in model.modules() if is_quantized(m)]
+    if not layers:
+        return None
+    digest = hashlib.sha256()
+    for layer in layers:
+        weight: Any = layer.weight  # a bitsandbytes Params4bit
+        state = weight.quant_state
+        parts = [weight.data, state.absmax]
+        if state.nested:
+            parts += [torch.as_tensor(state.offset), state.state2.absmax]
+        for t in parts:
+            digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

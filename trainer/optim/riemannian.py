@@ -84,6 +84,24 @@ class _PairSlot:
         return (grad.flatten(1).to(inv.dtype) @ inv).to(grad.dtype).view_as(grad)
 
 
+def triangular_inverse(chol: torch.Tensor) -> torch.Tensor:
+    """(L L^T)^-1 = L^-T L^-1 from a batch of lower Cholesky factors L, by a triangular solve: it has no
+    error codes to check, so it never synchronises a GPU with the host."""
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return chol_inv.mT @ chol_inv
+
+
+def inverse_from_cholesky(chol: torch.Tensor) -> torch.Tensor:
+    """(L L^T)^-1 for a batch of lower Cholesky factors, without a host sync on a GPU.
+
+    torch.cholesky_inverse checks its LAPACK / cuSOLVER error codes on the host: free on a CPU, where they
+    are, and faster there (rank 64, 224 systems, one thread: 33 ms against 54 for the triangular solve);
+    on a GPU a device sync per call, i.e. per pair and step under ZeRO-3. So GPUs take the solve.
+    """
+    return torch.cholesky_inverse(chol) if chol.device.type == "cpu" else triangular_inverse(chol)
+
+
 class RiemannianPreconditioner:
     """Owns the per-pair slots of a model and factorises their systems in batches.
 
@@ -180,16 +198,19 @@ class RiemannianPreconditioner:
         times faster than a triangular solve with as many right-hand sides on CPU and GPU alike.
 
         A handful of batched, mostly in-place operations whatever the number of layers: the Python cost
-        of a step must not grow with the model. cholesky_inverse raises on a zero pivot, so a failed
-        factorisation (info > 0; LAPACK reports a NaN pivot so too) gets a unit diagonal first; its
-        inverse, like that of a factor gone non-finite (an infinite Gram matrix), is then replaced by the
-        identity. One sum per matrix finds every non-finite inverse."""
+        of a step must not grow with the model. None of them synchronises a GPU with the host, so the
+        gradient hooks (one factorisation per pair under ZeRO-3) never stall backward: cholesky_ex leaves
+        its error codes on the device, and so does ``inverse_from_cholesky``. A failed factorisation
+        (info > 0; LAPACK reports a NaN pivot so too) gets a unit diagonal first, so the inverse stays
+        finite (cholesky_inverse raises on a zero pivot); it, like the inverse of a factor gone non-finite
+        (an infinite Gram matrix), is then replaced by the identity. One sum per matrix finds every
+        non-finite inverse."""
         n = grams.shape[0]
         grams.diagonal(dim1=-2, dim2=-1).add_(self.regulariser(grams))  # grams is the stack: ours to change
         chol, info = torch.linalg.cholesky_ex(grams)
         unfactored = info != 0
         chol.diagonal(dim1=-2, dim2=-1).masked_fill_(unfactored.view(n, 1), 1.0)
-        inv = torch.cholesky_inverse(chol)
+        inv = inverse_from_cholesky(chol)
         failed = unfactored | ~inv.sum(dim=(-2, -1)).isfinite()
         inv.masked_fill_(failed.view(n, 1, 1), 0.0).diagonal(dim1=-2, dim2=-1).add_(failed.view(n, 1))
         count = failed.sum()

@@ -29,7 +29,7 @@ from trainer.tracking.mlflow_tracker import (
 )
 from trainer.tracking.posthoc import log_to_run
 from trainer.tracking.provenance import cpu_model, git_tags, hardware, run_tags
-from trainer.tracking.rank_stats import gather_to_rank0, memory_metrics, peak_memory_mb
+from trainer.tracking.rank_stats import gather_to_rank0, memory_metrics, peak_memory_mb, peak_reserved_mb
 from trainer.tracking.sender import Row, Sender, SenderReport, Task
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "make_tracker",
     "memory_metrics",
     "peak_memory_mb",
+    "peak_reserved_mb",
     "plot_loss_curve",
     "prepare_local_store",
     "read_rows",

@@ -13,8 +13,8 @@ def peak_memory_mb(device: torch.device) -> float:
     """This process's peak memory so far, in MiB.
 
     On a GPU: the most memory torch's allocator has handed out on ``device`` (what the model needs; the
-    allocator's cache comes on top). On a CPU: the process's peak resident set size, which includes
-    the interpreter and libraries (~0.3-0.5 GiB for torch alone).
+    allocator's cache comes on top: ``peak_reserved_mb``). On a CPU: the process's peak resident set
+    size, which includes the interpreter and libraries (~0.3-0.5 GiB for torch alone).
     """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -35,9 +35,21 @@ def gather_to_rank0(value: float, device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def peak_reserved_mb(device: torch.device) -> float:
+    """On a GPU: the most memory torch's caching allocator has held on ``device`` (allocated plus its
+    cache and fragmentation), in MiB. This, not the allocated peak, is what runs out first."""
+    return torch.cuda.max_memory_reserved(device) / 2**20
+
+
 def memory_metrics(device: torch.device) -> dict[str, float]:
-    """``peak_memory_mb`` (the largest over ranks) and ``peak_memory_mb.rank<i>`` for every rank."""
-    per_rank = gather_to_rank0(peak_memory_mb(device), device)
-    return {"peak_memory_mb": max(per_rank)} | {
-        f"peak_memory_mb.rank{i}": mb for i, mb in enumerate(per_rank)
-    }
+    """``peak_memory_mb`` (the largest over ranks) and ``peak_memory_mb.rank<i>`` for every rank; on GPUs
+    also ``peak_memory_reserved_mb`` and ``peak_memory_reserved_mb.rank<i>`` (the allocator's reserve)."""
+    metrics = _over_ranks("peak_memory_mb", peak_memory_mb(device), device)
+    if device.type == "cuda":
+        metrics |= _over_ranks("peak_memory_reserved_mb", peak_reserved_mb(device), device)
+    return metrics
+
+
+def _over_ranks(name: str, value: float, device: torch.device) -> dict[str, float]:
+    per_rank = gather_to_rank0(value, device)
+    return {name: max(per_rank)} | {f"{name}.rank{i}": v for i, v in enumerate(per_rank)}
