@@ -59,13 +59,13 @@ class LogProgress:
         self._last = now
         rate = (step - self._start_step) / max(now - self._start, 1e-9)
         left = (self.total - step) / rate if rate > 0 else float("inf")
-        print(
+        # write(), not print(): Ray Train copies printed lines into its own log, so each would show twice.
+        self.stream.write(
             f"train: step {step}/{self.total} ({100 * step / max(1, self.total):.0f}%), loss {loss:.3f}, "
             f"{tokens_per_s:.0f} tok/s, {rate:.2f} steps/s, {_duration(now - self._start)} elapsed, "
-            f"{_duration(left)} left",
-            file=self.stream,
-            flush=True,
+            f"{_duration(left)} left\n"
         )
+        self.stream.flush()
 
     def close(self) -> None:
         pass
