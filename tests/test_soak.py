@@ -18,10 +18,14 @@ from bench.soak import last_step, rss_anon_mb, slope_mb_per_10k, watch, worker_p
 from tests.conftest import ROOT, write_config
 from trainer.config import RunConfig
 
-STEPS, WARMUP, EVERY = 2000, 500, 500
-# Post-warm-up growth allowed, MB per 10,000 steps: see MAX_SLOPE_WHY.
-MAX_SLOPE_MB_PER_10K = 40.0
-MAX_SLOPE_WHY = "measured here: see the report in bench/results/soak.json and docs"
+STEPS, WARMUP, EVERY = 2000, 600, 500  # warm-up ends after the first checkpoint and eval (step 500)
+# RssAnon growth allowed after warm-up, MB per 10,000 steps (20 KB a step). Measured here (2026-12-01,
+# RssAnon every 2 s, least squares, no tracing) on a 1-layer 32-wide tiny model in one local worker:
+# 46 MB per 10k over steps 100-678, 21 over 300-678, 17 over 450-678 (slowing: a plateau); with
+# MALLOC_ARENA_MAX=2 48, 33, 21 (no help). tracemalloc over steps 153-500 finds no Python object of
+# ours that accumulates: the growth is native (allocator, torch, gloo). Keeping one micro-batch's
+# logits a step (2 x 64 x 512 floats, 256 KB) would read 2,600.
+MAX_SLOPE_MB_PER_10K = 200.0
 
 
 @pytest.mark.unit
@@ -76,7 +80,7 @@ def test_memory_flat_and_disk_bounded_over_2000_steps(
     assert slope is not None, f"too few samples after step {WARMUP}: {len(points)}"
     assert slope < MAX_SLOPE_MB_PER_10K, (
         f"RssAnon grows {slope:.1f} MB per 10,000 steps after step {WARMUP} "
-        f"(allowed {MAX_SLOPE_MB_PER_10K}: {MAX_SLOPE_WHY}); "
+        f"(allowed {MAX_SLOPE_MB_PER_10K}); "
         f"samples (step, MB): {points[:: max(1, len(points) // 20)]}"
     )
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
