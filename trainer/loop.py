@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,10 +15,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from trainer.data import IGNORE_INDEX, GlobalBatches, StepBatch
 from trainer.engine import step_was_skipped
+from trainer.progress import progress
 from trainer.tracking import Tracker
 
 
@@ -149,9 +148,7 @@ def train(
     if eval_data and not state.eval_losses:
         state.eval_losses.append((state.step, evaluate(engine, eval_data)))
         tracker.log_metrics({"eval_loss": state.eval_losses[-1][1]}, step=state.step)
-    # Logs (SLURM, Ray) get a progress line every 30 s, a terminal a live bar.
-    bar = tqdm(total=end, initial=state.step, desc="train", unit="step", disable=dist.get_rank() != 0,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
+    bar = progress(end, state.step, enabled=dist.get_rank() == 0)  # a log gets a line per 30 s, not a bar
     while state.step < end:
         start = time.perf_counter()
         batch = plan.for_step(state.step)
@@ -181,7 +178,6 @@ def train(
         every = settings.checkpoint_every
         if checkpoint and every and (state.step % every == 0 or state.step == end) and not state.bad_in_a_row:
             checkpoint(state, metrics)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        bar.update()
+        bar.step(state.step, loss, metrics["tokens_per_s"])
     bar.close()
     return state
