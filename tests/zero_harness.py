@@ -68,9 +68,9 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
     from trainer import config as config_lib
     from trainer.adapters import adapter_layers
     from trainer.data.batches import StepBatch
-    from trainer.engine import build_engine, gathered
+    from trainer.engine import build_engine, gathered, layer_partitioner
     from trainer.loop import train_step
-    from trainer.model import prepare_model
+    from trainer.model import prepare_model, prepare_model_from_pretrained
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.optim.riemannian import _partitioned
 
@@ -89,10 +89,21 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
             "output": {"dir": args.out},
         }
     )  # fmt: skip
-    model = prepare_model(cfg, torch.device("cpu"))
+    SENT.clear()
+    if spec.get("loader", "stream") == "pretrained":  # the from_pretrained baseline
+        model = prepare_model_from_pretrained(cfg, torch.device("cpu"))
+    else:
+        model = prepare_model(cfg, torch.device("cpu"), layer_partitioner(cfg, world))
+    load_bytes = dict(SENT)
     optimizer, preconditioner = build_optimizer(model, cfg.optim)
+    SENT.clear()
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, args.steps), cfg)
+    init_bytes = dict(SENT)
     vocab = model.config.vocab_size
+    if spec.get("logits"):  # before any step, every rank forwards (ZeRO-3 gathers as it goes)
+        with torch.no_grad():
+            ids = torch.randint(3, vocab, (2, args.length), generator=torch.Generator().manual_seed(7))
+            logits = engine(input_ids=ids, use_cache=False).logits.float()
     bytes_per_step = []
     for step in range(args.steps):
         SENT.clear()
@@ -117,10 +128,14 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
         from safetensors.torch import save_file
 
         save_file(state, str(Path(args.out) / f"{spec['name']}.safetensors"))
+        if spec.get("logits"):
+            logits_file = Path(args.out) / f"{spec['name']}.logits.safetensors"
+            save_file({"logits": logits.contiguous()}, str(logits_file))
         # pairs whose systems are formed one at a time, while their module is gathered (ZeRO-3)
         partitioned = sum(_partitioned(s.a) for s in preconditioner.slots) if preconditioner else 0
         factorisations = preconditioner.factorisations if preconditioner else 0
         record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned,
+                  "load_bytes": load_bytes, "init_bytes": init_bytes,
                   "factorisations": factorisations, "steps": args.steps}  # fmt: skip
         (Path(args.out) / f"{spec['name']}.json").write_text(json.dumps(record))
     dist.barrier()

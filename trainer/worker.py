@@ -38,6 +38,7 @@ from trainer.engine import (
     convert_to_universal,
     gathered,
     init_distributed,
+    layer_partitioner,
     load_state,
     save_state,
 )
@@ -104,7 +105,7 @@ def run_worker(
     saved = TrainerState.read(resume_dir) if resume_dir else None
 
     tokenizer = load_tokenizer(cfg.model.path)
-    model = prepare_model(cfg, device)
+    model = prepare_model(cfg, device, layer_partitioner(cfg, world))
     run_fingerprint = fingerprint(cfg, [name for name, _ in adapter_layers(model)])
     if saved:
         check_compatible(saved, run_fingerprint, resume_dir)  # type: ignore[arg-type]

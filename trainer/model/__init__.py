@@ -12,6 +12,7 @@ from trainer.model.load import (
     load_base_model,
     load_tokenizer,
     prepare_model,
+    prepare_model_from_pretrained,
     quantization_supported,
 )
 from trainer.model.tiny import (
@@ -32,6 +33,7 @@ __all__ = [
     "load_base_model",
     "load_tokenizer",
     "prepare_model",
+    "prepare_model_from_pretrained",
     "pretrain",
     "quantization_supported",
     "train_tokenizer",
