@@ -95,6 +95,8 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
     else:
         model = prepare_model(cfg, torch.device("cpu"), layer_partitioner(cfg, world))
     load_bytes = dict(SENT)
+    # base parameters a rank holds whole once loading is done (ZeRO-3 streaming: none)
+    whole = sum(1 for p in model.parameters() if not p.requires_grad and p.data.numel() > 0)
     optimizer, preconditioner = build_optimizer(model, cfg.optim)
     SENT.clear()
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, args.steps), cfg)
@@ -135,7 +137,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
         partitioned = sum(_partitioned(s.a) for s in preconditioner.slots) if preconditioner else 0
         factorisations = preconditioner.factorisations if preconditioner else 0
         record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned,
-                  "load_bytes": load_bytes, "init_bytes": init_bytes,
+                  "load_bytes": load_bytes, "init_bytes": init_bytes, "whole_after_load": whole,
                   "factorisations": factorisations, "steps": args.steps}  # fmt: skip
         (Path(args.out) / f"{spec['name']}.json").write_text(json.dumps(record))
     dist.barrier()

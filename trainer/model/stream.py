@@ -88,6 +88,10 @@ def build_skeleton(
     modules stay unquantised: lm_head, tied weights, the model's keep-in-fp32 list)."""
     with _default_dtype(dtype), init_empty_weights(include_buffers=False):
         model = cls(config)
+    # Tied weights become one parameter, loaded once (outside init_empty_weights, whose patched
+    # register_parameter would make the tied copy a new parameter again).
+    model.tie_weights()
+    with _default_dtype(dtype):
         if quantization is not None:
             quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=False)
             quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": device})
