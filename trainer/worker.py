@@ -44,6 +44,7 @@ from trainer.engine import (
 )
 from trainer.export import adapter_state_dict, save_adapter
 from trainer.loop import LoopSettings, LoopState, train
+from trainer.loss import chunk_tokens_for
 from trainer.model import count_parameters, load_tokenizer, prepare_model
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.tracking import Tracker, log_outputs, memory_metrics, start_tracking
@@ -150,6 +151,7 @@ def run_worker(
         max_steps=t.max_steps, eval_every=t.eval_every_n_steps, log_every=t.log_every_n_steps,
         checkpoint_every=cfg.checkpoint.every_n_steps, max_bad_steps=t.max_bad_steps,
         poison_steps=frozenset(t.inject_nonfinite_steps),
+        loss_chunk_tokens=chunk_tokens_for(t.loss_chunk_tokens, model.config),
     )  # fmt: skip
 
     def extra_metrics() -> dict[str, float]:
