@@ -31,24 +31,33 @@ def _loss_and_grads(
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, 1000])
 def test_chunked_loss_and_gradients_equal_unchunked(chunk: int) -> None:
-    """fp32, every parameter trainable (the head too, whose gradient sums over chunks): 1e-6 relative
+    """fp32, every parameter but the (frozen) head trainable: 1e-6 relative
     (per tensor, in norm: the chunks only reorder float32 sums; measured <= 1.2e-6 of the largest
     element at 57 one-token chunks). Labels hold ignored tokens (padding, prompts), both must skip."""
     model = _model()
+    model.lm_head.requires_grad_(False)
     ids = torch.randint(3, 1000, (3, 20), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[0, :5] = IGNORE_INDEX
     labels[2, 12:] = IGNORE_INDEX
     want = _loss_and_grads(model, ids, labels, 0)
     got = _loss_and_grads(model, ids, labels, chunk)
-    assert len(got) == len(want) == 1 + sum(1 for _ in model.parameters())
+    assert len(got) == len(want) == sum(1 for _ in model.parameters())  # the loss + all but the head
     for a, b in zip(got, want, strict=True):
         assert ((a - b).norm() / b.norm()).item() <= 1e-6
     assert want[0] > 0
 
 
+def test_a_trainable_head_is_refused() -> None:
+    model = _model()
+    ids = torch.randint(3, 1000, (1, 8))
+    with pytest.raises(ValueError, match="head trains"):
+        loss_sum(model, {"input_ids": ids}, ids, 4)
+
+
 def test_the_head_is_restored_after_a_chunked_loss() -> None:
     model = _model()
+    model.lm_head.requires_grad_(False)
     ids = torch.randint(3, 1000, (1, 8))
     loss_sum(model, {"input_ids": ids}, ids, 4)
     assert model(input_ids=ids).logits.shape == (1, 8, 1000)

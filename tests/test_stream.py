@@ -29,10 +29,12 @@ CPU = torch.device("cpu")
 IDS = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(3))
 
 
-def _run_config(model: Path, quant: str = "none", dtype: str = "fp32", method: str = "lora") -> RunConfig:
+def _run_config(
+    model: Path, quant: str = "none", dtype: str = "fp32", method: str = "lora", attn: str = "sdpa"
+) -> RunConfig:
     return config_lib.validate(
         {
-            "model": {"path": str(model), "quantization": quant},
+            "model": {"path": str(model), "quantization": quant, "attn_implementation": attn},
             "adapter": {"method": method},
             "train": {"dtype": dtype},
             "data": {"train_path": "unused"},
@@ -74,8 +76,9 @@ def _assert_same_model(new: nn.Module, old: nn.Module) -> None:
                 assert same, f"{name}: quant_state {key}"
     for (name, b), (_, b_old) in zip(new.named_buffers(), old.named_buffers(), strict=True):
         assert torch.equal(b, b_old), name
-    with torch.no_grad():
-        torch.testing.assert_close(new(input_ids=IDS).logits, old(input_ids=IDS).logits, rtol=0, atol=0)
+    with torch.no_grad():  # in eval mode: GPT-2's dropout would draw different masks (4-bit layers guarded)
+        logits = new.eval()(input_ids=IDS).logits, old.eval()(input_ids=IDS).logits
+        torch.testing.assert_close(*logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -166,3 +169,40 @@ def test_a_directory_without_safetensors_is_refused(tiny_model_dir: Path, tmp_pa
     (copy / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"no model\.safetensors and no model\.safetensors\.index"):
         prepare_model(_run_config(copy), CPU)
+
+
+def _tiny(kind: str) -> tuple[type, dict]:
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        MistralConfig,
+        MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )  # fmt: skip
+
+    shape = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    return {
+        "mistral": (MistralForCausalLM, MistralConfig(**shape)),
+        "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config(**shape, tie_word_embeddings=True)),
+        "qwen2-untied": (Qwen2ForCausalLM, Qwen2Config(**shape, tie_word_embeddings=False)),
+        "gemma2": (Gemma2ForCausalLM, Gemma2Config(**shape, head_dim=16)),
+        "phi3": (Phi3ForCausalLM, Phi3Config(**shape, pad_token_id=0)),
+        "gpt2": (GPT2LMHeadModel, GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2-tied", "qwen2-untied", "gemma2", "phi3", "gpt2"])
+def test_architectures_stream_like_from_pretrained(kind: str, tmp_path: Path) -> None:
+    """Qwen2's attention biases, tied and untied heads, Gemma 2's norms and soft-capping, Phi-3's
+    fused qkv_proj / gate_up_proj, GPT-2's Conv1D (transposed before quantising): NF4, byte-equal."""
+    cls, config = _tiny(kind)
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / kind)
+    cfg = _run_config(tmp_path / kind, "nf4", attn="eager" if kind == "gemma2" else "sdpa")
+    _assert_same_model(prepare_model(cfg, CPU), prepare_model_from_pretrained(cfg, CPU))

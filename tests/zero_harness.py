@@ -117,7 +117,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
             global_tokens=sum(m.numel() for m in micro_batches),
             epoch=0,
         )
-        train_step(engine, batch, world)
+        train_step(engine, batch, world, chunk=spec.get("chunk", 0))
         bytes_per_step.append(dict(SENT))
     params = [p for _, layer in adapter_layers(model) for p in layer.adapter.parameters()]
     with gathered(params, cfg.distributed.zero_stage):

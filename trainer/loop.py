@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from trainer.data import IGNORE_INDEX, GlobalBatches, StepBatch
-from trainer.engine import step_was_skipped
+from trainer.engine import gathered, step_was_skipped
 from trainer.loss import loss_sum, token_loss_sum
 from trainer.tracking import Tracker
 
@@ -50,7 +50,8 @@ def forward_logits(engine: Any, micro: dict[str, torch.Tensor]) -> torch.Tensor:
 def micro_loss(engine: Any, micro: dict[str, torch.Tensor], chunk: int = 0) -> torch.Tensor:
     """A micro-batch's summed token loss; over ``chunk`` tokens at a time if > 0 (trainer.loss)."""
     inputs = {k: v for k, v in micro.items() if k != "labels"}
-    return loss_sum(engine, inputs, micro["labels"], chunk)
+    stage = engine.zero_optimization_stage()
+    return loss_sum(engine, inputs, micro["labels"], chunk, lambda params: gathered(params, stage))
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
