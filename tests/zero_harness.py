@@ -68,9 +68,9 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
     from trainer import config as config_lib
     from trainer.adapters import adapter_layers
     from trainer.data.batches import StepBatch
-    from trainer.engine import build_engine, gathered
+    from trainer.engine import build_engine, gathered, layer_partitioner
     from trainer.loop import train_step
-    from trainer.model import prepare_model
+    from trainer.model import prepare_model, prepare_model_from_pretrained
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.optim.riemannian import _partitioned
 
@@ -89,10 +89,23 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
             "output": {"dir": args.out},
         }
     )  # fmt: skip
-    model = prepare_model(cfg, torch.device("cpu"))
+    SENT.clear()
+    if spec.get("loader", "stream") == "pretrained":  # the from_pretrained baseline
+        model = prepare_model_from_pretrained(cfg, torch.device("cpu"))
+    else:
+        model = prepare_model(cfg, torch.device("cpu"), layer_partitioner(cfg, world))
+    load_bytes = dict(SENT)
+    # base parameters a rank holds whole once loading is done (ZeRO-3 streaming: none)
+    whole = sum(1 for p in model.parameters() if not p.requires_grad and p.data.numel() > 0)
     optimizer, preconditioner = build_optimizer(model, cfg.optim)
+    SENT.clear()
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, args.steps), cfg)
+    init_bytes = dict(SENT)
     vocab = model.config.vocab_size
+    if spec.get("logits"):  # before any step, every rank forwards (ZeRO-3 gathers as it goes)
+        with torch.no_grad():
+            ids = torch.randint(3, vocab, (2, args.length), generator=torch.Generator().manual_seed(7))
+            logits = engine(input_ids=ids, use_cache=False).logits.float()
     bytes_per_step = []
     for step in range(args.steps):
         SENT.clear()
@@ -104,7 +117,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
             global_tokens=sum(m.numel() for m in micro_batches),
             epoch=0,
         )
-        train_step(engine, batch, world)
+        train_step(engine, batch, world, chunk=spec.get("chunk", 0))
         bytes_per_step.append(dict(SENT))
     params = [p for _, layer in adapter_layers(model) for p in layer.adapter.parameters()]
     with gathered(params, cfg.distributed.zero_stage):
@@ -117,10 +130,14 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
         from safetensors.torch import save_file
 
         save_file(state, str(Path(args.out) / f"{spec['name']}.safetensors"))
+        if spec.get("logits"):
+            logits_file = Path(args.out) / f"{spec['name']}.logits.safetensors"
+            save_file({"logits": logits.contiguous()}, str(logits_file))
         # pairs whose systems are formed one at a time, while their module is gathered (ZeRO-3)
         partitioned = sum(_partitioned(s.a) for s in preconditioner.slots) if preconditioner else 0
         factorisations = preconditioner.factorisations if preconditioner else 0
         record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned,
+                  "load_bytes": load_bytes, "init_bytes": init_bytes, "whole_after_load": whole,
                   "factorisations": factorisations, "steps": args.steps}  # fmt: skip
         (Path(args.out) / f"{spec['name']}.json").write_text(json.dumps(record))
     dist.barrier()

@@ -351,6 +351,10 @@ class TrainConfig(Section):
     (each is skipped: no update); the last good checkpoint is kept."""
     inject_nonfinite_steps: list[int] = []
     """Fault injection for tests and drills: make the loss infinite at these steps (1-based)."""
+    loss_chunk_tokens: int | None = Field(None, ge=0)
+    """Compute the cross-entropy over this many tokens at a time, so the micro-batch's float32 logits
+    never exist whole (trainer/loss.py); 0: unchunked; null: 1024 for vocabularies of 32,000 and more,
+    where the logits dwarf everything else a step holds, else unchunked."""
 
 
 class CheckpointConfig(Section):

@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,36 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
+
+
+def partition_module(module: nn.Module, ds_config: dict[str, Any]) -> None:
+    """Partition ``module``'s parameters over the data-parallel group now (ZeRO-3), as if it had been
+    built inside ``deepspeed.zero.Init``.
+
+    What DeepSpeed supports here (deepspeed/runtime/zero/partition_parameters.py, 0.19.8):
+    ``Init(module=m)`` runs ``_convert_to_zero_parameters(m.parameters())``, which skips parameters
+    that are already ZeRO parameters (``is_zero_param``: tied weights partitioned with an earlier
+    module) and, for each other one, moves it to the local device, broadcasts rank 0's bytes
+    (``param.data.view(torch.uint8)``: any dtype, so also bitsandbytes' packed NF4 storage) and keeps
+    only this rank's slice (``param.partition()``). The parameter object stays the same, so attributes
+    such as a ``Params4bit``'s ``quant_state`` stay attached (verified: a forward of a partitioned
+    ``Linear4bit`` inside ``GatheredParameters`` equals the whole layer's). ``deepspeed.initialize``
+    then sees a ZeRO-Init model (engine.py ``_configure_distributed_model``: any parameter with a
+    ``ds_id``): it neither moves nor broadcasts it, and stage 3 (parameter_offload.py
+    ``_convert_to_zero_parameters``) only converts parameters that are not ZeRO parameters yet.
+    """
+    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+
+
+def layer_partitioner(cfg: RunConfig, world_size: int) -> Callable[[nn.Module], None] | None:
+    """What the streaming loader calls on each layer it loads: ZeRO-3 partitioning, or nothing below
+    stage 3 (ZeRO 0-2 keep the frozen base whole on every rank)."""
+    if cfg.distributed.zero_stage != 3:
+        return None
+    # zero.Init reads the stage-3 fields only: the buckets (sized from the trainable count, not known
+    # before the adapters are injected) play no part in partitioning.
+    config = deepspeed_config(cfg, world_size, trainable_params=0)
+    return lambda module: partition_module(module, config)
 
 
 def build_engine(

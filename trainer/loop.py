@@ -14,26 +14,26 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from trainer.data import IGNORE_INDEX, GlobalBatches, StepBatch
-from trainer.engine import step_was_skipped
+from trainer.engine import gathered, step_was_skipped
+from trainer.loss import loss_sum, token_loss_sum
 from trainer.progress import progress
 from trainer.tracking import Tracker
+
+__all__ = [
+    "LoopSettings",
+    "LoopState",
+    "forward_logits",
+    "micro_loss",
+    "token_loss_sum",
+    "train",
+    "train_step",
+]
 
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the tokens that carry loss (in float32)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
 
 
 def forward_logits(engine: Any, micro: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -46,13 +46,20 @@ def forward_logits(engine: Any, micro: dict[str, torch.Tensor]) -> torch.Tensor:
     return engine(**inputs, use_cache=False).logits
 
 
+def micro_loss(engine: Any, micro: dict[str, torch.Tensor], chunk: int = 0) -> torch.Tensor:
+    """A micro-batch's summed token loss; over ``chunk`` tokens at a time if > 0 (trainer.loss)."""
+    inputs = {k: v for k, v in micro.items() if k != "labels"}
+    stage = engine.zero_optimization_stage()
+    return loss_sum(engine, inputs, micro["labels"], chunk, lambda params: gathered(params, stage))
+
+
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
 
-def train_step(engine: Any, batch: StepBatch, world_size: int, poison: bool = False) -> float:
+def train_step(engine: Any, batch: StepBatch, world_size: int, poison: bool = False, chunk: int = 0) -> float:
     """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
 
     DeepSpeed divides each backward by the accumulation steps and averages over ranks; scaling by both
@@ -63,23 +70,23 @@ def train_step(engine: Any, batch: StepBatch, world_size: int, poison: bool = Fa
     total = 0.0
     for micro in batch.micro_batches:
         micro = {k: v.to(engine.device) for k, v in micro.items()}
-        loss_sum = token_loss_sum(forward_logits(engine, micro), micro["labels"])
+        summed = micro_loss(engine, micro, chunk)
         if poison:
-            loss_sum = loss_sum * math.inf
-        engine.backward(loss_sum * scale)
+            summed = summed * math.inf
+        engine.backward(summed * scale)
         engine.step()
-        total += loss_sum.item()
+        total += summed.item()
     return total
 
 
 @torch.no_grad()
-def evaluate(engine: Any, batches: list[dict[str, torch.Tensor]]) -> float:
+def evaluate(engine: Any, batches: list[dict[str, torch.Tensor]], chunk: int = 0) -> float:
     """Mean token loss over the whole eval set (all ranks)."""
     engine.eval()
     loss, tokens = 0.0, 0
     for micro in batches:
         micro = {k: v.to(engine.device) for k, v in micro.items()}
-        loss += token_loss_sum(forward_logits(engine, micro), micro["labels"]).item()
+        loss += micro_loss(engine, micro, chunk).item()
         tokens += int((micro["labels"][:, 1:] != IGNORE_INDEX).sum())
     engine.train()
     total_loss, total_tokens = _all_reduce([loss, tokens], engine.device)
@@ -132,6 +139,7 @@ class LoopSettings:
     checkpoint_every: int = 0
     max_bad_steps: int = 3
     poison_steps: frozenset[int] = frozenset()
+    loss_chunk_tokens: int = 0
 
 
 def train(
@@ -146,14 +154,15 @@ def train(
 ) -> LoopState:
     world, end = dist.get_world_size(), settings.max_steps
     if eval_data and not state.eval_losses:
-        state.eval_losses.append((state.step, evaluate(engine, eval_data)))
+        state.eval_losses.append((state.step, evaluate(engine, eval_data, settings.loss_chunk_tokens)))
         tracker.log_metrics({"eval_loss": state.eval_losses[-1][1]}, step=state.step)
     bar = progress(end, state.step, enabled=dist.get_rank() == 0)  # a log gets a line per 30 s, not a bar
     while state.step < end:
         start = time.perf_counter()
         batch = plan.for_step(state.step)
         poison = state.step + 1 in settings.poison_steps
-        (loss_sum,) = _all_reduce([train_step(engine, batch, world, poison)], engine.device)
+        step_loss = train_step(engine, batch, world, poison, settings.loss_chunk_tokens)
+        (loss_sum,) = _all_reduce([step_loss], engine.device)
         loss, seconds = loss_sum / max(1, batch.global_loss_tokens), time.perf_counter() - start
         skipped = step_was_skipped(engine) or not math.isfinite(loss)
         state.record(loss, skipped, settings.max_bad_steps)
@@ -170,7 +179,7 @@ def train(
         if eval_data and (
             state.step == end or (settings.eval_every and state.step % settings.eval_every == 0)
         ):
-            state.eval_losses.append((state.step, evaluate(engine, eval_data)))
+            state.eval_losses.append((state.step, evaluate(engine, eval_data, settings.loss_chunk_tokens)))
             metrics["eval_loss"] = state.eval_losses[-1][1]
         if state.step % settings.log_every == 0 or "eval_loss" in metrics or skipped:
             # On every rank (the tracker is null on ranks > 0): extra_metrics may gather over ranks.

@@ -39,12 +39,14 @@ from trainer.engine import (
     convert_to_universal,
     gathered,
     init_distributed,
+    layer_partitioner,
     load_state,
     save_state,
 )
 from trainer.export import adapter_state_dict, save_adapter
 from trainer.loop import LoopSettings, LoopState, train
-from trainer.model import count_parameters, load_tokenizer, prepare_model, quantized_digest
+from trainer.loss import chunk_tokens_for
+from trainer.model import BaseDigest, count_parameters, load_tokenizer, prepare_model
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.tracking import Tracker, log_outputs, memory_metrics, start_tracking
 
@@ -108,8 +110,9 @@ def run_worker(
     saved = TrainerState.read(resume_dir) if resume_dir else None
 
     tokenizer = load_tokenizer(cfg.model.path)
-    model = prepare_model(cfg, device)
-    base_digest = quantized_digest(model) if rank == 0 else None  # while whole: before ZeRO-3 partitions
+    digest = BaseDigest() if rank == 0 else None  # fed each layer while whole, before ZeRO-3 partitions
+    model = prepare_model(cfg, device, layer_partitioner(cfg, world), digest)
+    base_digest = digest.hexdigest() if digest is not None else None
     run_fingerprint = fingerprint(cfg, [name for name, _ in adapter_layers(model)])
     if saved:
         check_compatible(saved, run_fingerprint, resume_dir)  # type: ignore[arg-type]
@@ -154,6 +157,7 @@ def run_worker(
         max_steps=t.max_steps, eval_every=t.eval_every_n_steps, log_every=t.log_every_n_steps,
         checkpoint_every=cfg.checkpoint.every_n_steps, max_bad_steps=t.max_bad_steps,
         poison_steps=frozenset(t.inject_nonfinite_steps),
+        loss_chunk_tokens=chunk_tokens_for(t.loss_chunk_tokens, model.config),
     )  # fmt: skip
 
     def extra_metrics() -> dict[str, float]:

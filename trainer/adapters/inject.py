@@ -40,14 +40,17 @@ def inject_adapters(
     cfg: AdapterConfig,
     dtype: torch.dtype = torch.float32,
     ranks: Mapping[str, int] | None = None,
+    names: list[str] | None = None,
 ) -> list[str]:
     """Replace each target module by an AdapterLayer holding a new ``cfg.method`` adapter (in ``dtype``).
 
     ``ranks``: a saved rank map (module name -> rank) for methods that choose ranks per module, so a
-    loaded adapter gets the shapes it was saved with.
+    loaded adapter gets the shapes it was saved with. ``names``: the targets to wrap, when the caller
+    already chose them (the streaming loader wraps one decoder layer's targets at a time); by default
+    ``find_targets(model, cfg.target_modules)``.
     """
     adapter_cls = REGISTRY[cfg.method]
-    names = find_targets(model, cfg.target_modules)
+    names = find_targets(model, cfg.target_modules) if names is None else names
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -7,11 +7,13 @@ places that import bitsandbytes.
 
 from trainer.model.load import (
     DTYPES,
+    BaseDigest,
     count_parameters,
     guard_4bit_gradients,
     load_base_model,
     load_tokenizer,
     prepare_model,
+    prepare_model_from_pretrained,
     quantization_supported,
     quantized_digest,
 )
@@ -25,6 +27,7 @@ from trainer.model.tiny import (
 
 __all__ = [
     "DTYPES",
+    "BaseDigest",
     "build_tiny_model",
     "corpus_texts",
     "count_parameters",
@@ -33,6 +36,7 @@ __all__ = [
     "load_base_model",
     "load_tokenizer",
     "prepare_model",
+    "prepare_model_from_pretrained",
     "pretrain",
     "quantization_supported",
     "quantized_digest",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from trainer.adapters import REGISTRY, freeze_base, inject_adapters, rank_map, rank_table
+from trainer.adapters import REGISTRY, find_targets, freeze_base, inject_adapters, rank_map, rank_table
 from trainer.adapters.base_layers import is_quantized
 from trainer.config import FLASH_ATTENTION_NEEDS, ConfigError, ModelConfig, RunConfig
+from trainer.model.stream import build_skeleton, load_units, read_config
 
 log = logging.getLogger(__name__)
 
@@ -51,29 +53,37 @@ def check_attention(cfg: ModelConfig, device: torch.device) -> None:
         raise ConfigError(f"{FLASH_ATTENTION_NEEDS}: {'; '.join(missing)}")
 
 
+def bnb_config(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> BitsAndBytesConfig | None:
+    """The NF4 quantisation of the base, or None (not asked, or no 4-bit kernels on ``device``)."""
+    if cfg.quantization != "nf4":
+        return None
+    ok, why = quantization_supported(device)
+    if not ok:
+        log.warning("model.quantization=nf4 ignored: %s; the base stays in %s", why, dtype)
+        return None
+    # quant_storage = compute dtype: the packed weight is a float tensor ZeRO-3 can partition.
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
 def load_base_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    """Load the causal LM at ``cfg.path``, in 4-bit NF4 when asked and supported; never downloads."""
+    """The whole base through ``from_pretrained`` (in NF4 when asked), on ``device``; never downloads.
+
+    Kept for what needs the whole base on one process anyway (merging an adapter into it) and as the
+    reference the streaming loader is tested against; training loads through ``prepare_model``.
+    """
     if not (Path(cfg.path) / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {cfg.path} holds no transformers model (no config.json)")
     check_attention(cfg, device)
-    quantization = None
-    if cfg.quantization == "nf4":
-        ok, why = quantization_supported(device)
-        if ok:
-            # quant_storage = compute dtype: the packed weight is a float tensor ZeRO-3 can partition.
-            quantization = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_quant_storage=dtype,
-            )
-        else:
-            log.warning("model.quantization=nf4 ignored: %s; the base stays in %s", why, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.path,
         dtype=dtype,
-        quantization_config=quantization,
+        quantization_config=bnb_config(cfg, dtype, device),
         device_map={"": device},
         attn_implementation=cfg.attn_implementation,
         local_files_only=True,
@@ -97,16 +107,55 @@ def guard_4bit_gradients(model: nn.Module) -> int:
     return len(layers)
 
 
-def prepare_model(cfg: RunConfig, device: torch.device) -> PreTrainedModel:
-    """Base model -> trainable adapter model, in the one order that works:
+def prepare_model(
+    cfg: RunConfig,
+    device: torch.device,
+    partition: Callable[[nn.Module], None] | None = None,
+    digest: BaseDigest | None = None,
+) -> PreTrainedModel:
+    """Base model -> trainable adapter model, streamed one decoder layer at a time (trainer.model.stream),
+    in the one order that works, applied to each layer as soon as it is read:
 
-    1. load (quantising at load: weights never exist in full precision on the device), the 4-bit
-       layers guarded against the CPU inference repack before any forward can trigger it;
-    2. train mode, since from_pretrained returns the model in eval mode;
-    3. inject adapters (seeded, so every rank starts from the same adapter weights);
+    1. quantise its linear weights as they are read (never in full precision on the device);
+    2. guard its 4-bit layers against the CPU inference repack, before any forward can trigger it;
+    3. inject its adapters: the RNG is seeded once before the first layer and layers come in module
+       order, so the adapters draw the same numbers as when injected into the whole model at once;
     4. freeze everything but the adapters;
-    5. gradient checkpointing last, so it wraps the layers that now hold adapters.
-    DeepSpeed then wraps the result (trainer.engine).
+    5. add its packed 4-bit weights to ``digest`` (while they are whole), then ``partition`` it (ZeRO-3:
+       trainer.engine.layer_partitioner) before the next layer is read, so no rank ever holds more than
+       its slice of the base plus one layer.
+    Then gradient checkpointing, last, so it wraps the layers that now hold adapters. DeepSpeed wraps
+    the result (trainer.engine); it finds the parameters already partitioned and leaves them be.
+    """
+    dtype = DTYPES[cfg.train.dtype]
+    m = cfg.model
+    check_attention(m, device)
+    config, cls = read_config(m.path, m.attn_implementation)
+    model = build_skeleton(config, cls, dtype, device, bnb_config(m, dtype, device))
+    targets = find_targets(model, cfg.adapter.target_modules)
+
+    def on_unit(prefix: str, unit: nn.Module) -> None:
+        guard_4bit_gradients(unit)
+        unit.train()
+        inject_adapters(model, cfg.adapter, dtype, names=[n for n in targets if _within(n, prefix)])
+        unit = model.get_submodule(prefix)  # the unit itself may have just been wrapped
+        freeze_base(unit)
+        if digest is not None:
+            digest.update(unit)
+        if partition is not None:
+            partition(unit)
+
+    torch.manual_seed(cfg.train.seed)
+    load_units(model, m.path, device, dtype, on_unit)
+    model.train()
+    freeze_base(model)
+    return _finish(model, cfg, len(targets))
+
+
+def prepare_model_from_pretrained(cfg: RunConfig, device: torch.device) -> PreTrainedModel:
+    """The same trainable model through ``from_pretrained``: the whole base on ``device``, partitioned
+    (ZeRO-3) only later by ``deepspeed.initialize``. Not used for training: it is the baseline the
+    streaming loader is tested against (tests/test_stream.py) and measured beside (bench.memory_load).
     """
     dtype = DTYPES[cfg.train.dtype]
     model = load_base_model(cfg.model, dtype, device)
@@ -114,38 +163,62 @@ def prepare_model(cfg: RunConfig, device: torch.device) -> PreTrainedModel:
     torch.manual_seed(cfg.train.seed)
     names = inject_adapters(model, cfg.adapter, dtype)
     freeze_base(model)
+    return _finish(model, cfg, len(names))
+
+
+def _finish(model: PreTrainedModel, cfg: RunConfig, adapted: int) -> PreTrainedModel:
+    """Gradient checkpointing last, so it wraps the layers that now hold adapters."""
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    log.info("adapted %d modules with %s (rank %d)", len(names), cfg.adapter.method, cfg.adapter.rank)
+    log.info("adapted %d modules with %s (rank %d)", adapted, cfg.adapter.method, cfg.adapter.rank)
     if REGISTRY[cfg.adapter.method].adaptive_rank:
         log.info("%s ranks from the SVD rule:\n%s", cfg.adapter.method, rank_table(rank_map(model)))
     return model
 
 
-def quantized_digest(model: nn.Module) -> str | None:
-    """sha256 of every 4-bit layer's packed weight and quantisation state, in module order; None when the
-    model has no 4-bit layer.
+class BaseDigest:
+    """sha256 of every 4-bit layer's packed weight and quantisation state, in module order, fed one
+    part of the model at a time (the streaming loader feeds each layer before ZeRO-3 partitions it).
 
     A merge re-quantises the base, on whatever device it runs: bitsandbytes' CPU and CUDA kernels round
     differently (torch bucketize against float bounds vs a CUDA kernel), and nothing promises the same
     bits. Recorded at training time and compared at merge, this says whether the merged base is the one
-    the adapter was trained against. Call it before ZeRO-3 partitions the model; the module order (and so
-    the digest) does not change when adapters wrap the layers.
+    the adapter was trained against. The module order (and so the digest) does not change when adapters
+    wrap the layers.
     """
-    layers = [m for m in model.modules() if is_quantized(m)]
-    if not layers:
-        return None
-    digest = hashlib.sha256()
-    for layer in layers:
-        weight: Any = layer.weight  # a bitsandbytes Params4bit
-        state = weight.quant_state
-        parts = [weight.data, state.absmax]
-        if state.nested:
-            parts += [torch.as_tensor(state.offset), state.state2.absmax]
-        for t in parts:
-            digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self.layers = 0
+
+    def update(self, module: nn.Module) -> None:
+        for layer in (m for m in module.modules() if is_quantized(m)):
+            weight: Any = layer.weight  # a bitsandbytes Params4bit
+            state = weight.quant_state
+            parts = [weight.data, state.absmax]
+            if state.nested:
+                parts += [torch.as_tensor(state.offset), state.state2.absmax]
+            for t in parts:
+                self._sha.update(
+                    t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+                )
+            self.layers += 1
+
+    def hexdigest(self) -> str | None:
+        """The digest, or None when no 4-bit layer was seen."""
+        return self._sha.hexdigest() if self.layers else None
+
+
+def quantized_digest(model: nn.Module) -> str | None:
+    """``BaseDigest`` of a whole (unpartitioned) model; None when it has no 4-bit layer."""
+    digest = BaseDigest()
+    digest.update(model)
     return digest.hexdigest()
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
