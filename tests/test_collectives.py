@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 def _check(check: str, out: Path, *args: str) -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "tests.dist_checks", check, "--out", str(out), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((out / f"{check}-rank{rank}.json").read_text()) for rank in range(2)]
 
