@@ -85,7 +85,10 @@ def rss_anon_mb(pid: int) -> float | None:
 
 
 def dir_mb(path: Path) -> float:
-    """Apparent size of every file under ``path`` (0 if absent); files vanishing meanwhile are skipped."""
+    """Apparent size of the file ``path``, or of every file under it (0 if absent; files vanishing
+    meanwhile are skipped)."""
+    if path.is_file():
+        return path.stat().st_size / 2**20
     total = 0
     for dirpath, _, files in os.walk(path):
         for name in files:
@@ -151,7 +154,9 @@ def soak(backend: str, args: argparse.Namespace, tmp: Path, env: dict[str, str])
         raise SystemExit(f"{backend} run failed ({proc.returncode}); its output: {log}")
     text = log.read_bytes()
     checkpoints = sorted(
-        p.name for p in (out / "checkpoints").rglob("*") if p.name.startswith(("step_", "checkpoint_"))
+        p.name
+        for p in (out / "checkpoints").rglob("*")
+        if p.is_dir() and p.name.startswith(("step_", "checkpoint_"))
     )
     return {
         "backend": backend, "command": cmd, "wall_s": time.monotonic() - start, "samples": samples,

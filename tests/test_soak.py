@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak import last_step, rss_anon_mb, slope_mb_per_10k, watch, worker_pids
+from bench.soak import dir_mb, last_step, rss_anon_mb, slope_mb_per_10k, watch, worker_pids
 from tests.conftest import ROOT, write_config
 from trainer.config import RunConfig
 
@@ -42,6 +42,14 @@ def test_the_step_is_the_last_whole_row(tmp_path: Path) -> None:
         '{"step": 41, "loss": 1.0}\n{"step": 42, "loss": 1.0}\n{"step": 4'
     )  # a row being written
     assert last_step(metrics) == 42
+
+
+@pytest.mark.unit
+def test_sizes_count_a_file_or_a_tree(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_bytes(b"0" * 2**20)
+    (tmp_path / "db").write_bytes(b"0" * 2**19)
+    assert (dir_mb(tmp_path / "a"), dir_mb(tmp_path / "db"), dir_mb(tmp_path / "none")) == (1.0, 0.5, 0.0)
 
 
 @pytest.mark.unit
