@@ -69,7 +69,8 @@ class ModelConfig(Section):
     """nf4: the frozen base is loaded in 4-bit NF4 through bitsandbytes (double quant, storage in the
     compute dtype so ZeRO-3 can shard it)."""
     build: TinyModelSpec | None = None
-    """If set and ``path`` holds no model yet, build this tiny random-init model there first."""
+    """If set and ``path`` holds no model yet, build this tiny random-init model there first; a model
+    already there must have been built from this spec and corpus (else an error: delete it to rebuild)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

@@ -15,6 +15,7 @@ from trainer.model.load import (
     quantization_supported,
 )
 from trainer.model.tiny import (
+    StaleModelError,
     build_tiny_model,
     corpus_texts,
     ensure_tiny_model,
@@ -24,6 +25,7 @@ from trainer.model.tiny import (
 
 __all__ = [
     "DTYPES",
+    "StaleModelError",
     "build_tiny_model",
     "corpus_texts",
     "count_parameters",

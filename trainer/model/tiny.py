@@ -7,18 +7,20 @@ saved with ``save_pretrained``. From then on the directory loads like any real m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trainer.checkpoints import atomic_dir, file_lock
-from trainer.config import TinyModelSpec
+from trainer.config import ConfigError, TinyModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +96,65 @@ def pretrain(
     log.info("pre-trained the tiny base for %d steps (final loss %.3f)", steps, loss.item())
 
 
+BUILD_RECORD = "spec.json"
+
+
+class StaleModelError(ConfigError):
+    """``model.path`` holds a model that was not built from this ``model.build``."""
+
+
+def build_record(spec: TinyModelSpec) -> dict[str, Any]:
+    """What a tiny model is built from: the spec, and the contents of its corpus (its paths differ from
+    one checkout to the next and do not matter; what they hold does)."""
+    digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in spec.tokenizer_corpus]
+    return {**spec.model_dump(mode="json"), "tokenizer_corpus_sha256": digests}
+
+
+def check_built_from(target: Path, spec: TinyModelSpec) -> None:
+    """Refuse a model at ``target`` that ``spec`` did not build, naming what differs.
+
+    Refused rather than rebuilt: a rebuild would silently put another base under the checkpoints and
+    adapters trained on this one (a resume, a merge), and runs from other checkouts that share the cache
+    and still ask for the old spec would rebuild it back in turn. Deleting the directory is one command.
+    """
+    fix = f"delete {target} to rebuild it, or set model.path to another directory"
+    record = target / BUILD_RECORD
+    if not record.is_file():
+        raise StaleModelError(
+            f"model.path: {target} holds a model that model.build did not build (it has no {BUILD_RECORD}); "
+            f"remove model.build to train on it as it is, or {fix}"
+        )
+    saved, wanted = json.loads(record.read_text()), build_record(spec)
+    diffs = []
+    for key, want in wanted.items():
+        if key == "tokenizer_corpus" or saved.get(key) == want:
+            continue
+        if key == "tokenizer_corpus_sha256":
+            what = "unrecorded" if key not in saved else "different"
+            diffs.append(f"tokenizer_corpus: the files' contents were {what} when it was built")
+        else:
+            diffs.append(f"{key}: built with {saved.get(key)!r}, model.build asks for {want!r}")
+    if diffs:
+        raise StaleModelError(
+            f"model.path: {target} was built from another model.build ({'; '.join(diffs)}); {fix}"
+        )
+
+
 def ensure_tiny_model(path: str, spec: TinyModelSpec) -> bool:
     """Build the tiny model at ``path`` unless it is already there; returns whether it was built.
 
-    Safe against concurrent callers (a file lock) and crashes (written to a temporary dir, renamed).
+    A model already there must have been built from ``spec`` (and the same corpus contents), else
+    ``StaleModelError``. Safe against concurrent callers (a file lock) and crashes (written to a
+    temporary dir, renamed).
     """
     target = Path(path)
     if (target / "config.json").is_file():
+        check_built_from(target, spec)
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.with_name(target.name + ".lock")):
         if (target / "config.json").is_file():
+            check_built_from(target, spec)
             return False
         log.info("building the tiny base model at %s", target)
         texts = list(corpus_texts(spec.tokenizer_corpus))
@@ -115,5 +165,5 @@ def ensure_tiny_model(path: str, spec: TinyModelSpec) -> bool:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / "spec.json").write_text(spec.model_dump_json(indent=2) + os.linesep)
+            (tmp / BUILD_RECORD).write_text(json.dumps(build_record(spec), indent=2) + os.linesep)
     return True
