@@ -88,7 +88,7 @@ class SaraConfig(Section):
     """SARA's per-module rank rule (also picks Mo-SARA's number of singular directions k).
 
     k = the smallest k whose leading singular values sum to ``tau`` of the total, clipped to
-    [r_min, r_max] (our reading of arXiv 2408.03290: see docs/METHODS.md).
+    [r_min, r_max] (our reading of arXiv 2408.03290: see docs/methods.md).
     """
 
     tau: float = Field(0.5, gt=0, le=1)
@@ -124,7 +124,7 @@ class FloraConfig(Section):
 
 class AdapterConfig(Section):
     method: AdapterMethod = "lora"
-    """Adapter method (docs/METHODS.md): lora, dora, bone, bat, flora, sara or mosara."""
+    """Adapter method (docs/methods.md): lora, dora, bone, bat, flora, sara or mosara."""
     rank: int = Field(8, gt=0)
     """Rank r of the low-rank factors (bone/bat: the block size; flora: the out and in mode ranks;
     sara/mosara: ignored, each module's rank comes from ``adapter.sara``)."""
