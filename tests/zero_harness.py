@@ -64,23 +64,42 @@ def token_batches(step: int, n_micro: int, micro: int, length: int, vocab: int) 
     return list(ids.split(micro))
 
 
-def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
-    from trainer import config as config_lib
+def adapter_state(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Every adapter tensor, gathered whole (ZeRO-3), in float32."""
     from trainer.adapters import adapter_layers
+    from trainer.engine import gathered
+
+    params = [p for _, layer in adapter_layers(model) for p in layer.adapter.parameters()]
+    with gathered(params, zero_stage):
+        return {
+            f"{name}.{key}": t.detach().float().clone()
+            for name, layer in adapter_layers(model)
+            for key, t in layer.adapter.peft_state_dict().items()
+        }
+
+
+def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
+    """One configuration; spec keys: name, stage, and optionally quant, checkpointing, precond, optim,
+    offload, dtype, clip (optim.grad_clip; default none), steps, save_init (also write the adapter before
+    training, ``<name>.init.safetensors``)."""
+    from safetensors.torch import save_file
+
+    from trainer import config as config_lib
     from trainer.data.batches import StepBatch
-    from trainer.engine import build_engine, gathered
+    from trainer.engine import build_engine, global_grad_norm
     from trainer.loop import train_step
-    from trainer.model import prepare_model
+    from trainer.model import count_parameters, prepare_model
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.optim.riemannian import _partitioned
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    steps = spec.get("steps", args.steps)
     cfg = config_lib.validate(
         {
             "model": {"path": args.model, "quantization": spec.get("quant", "none"),
                       "gradient_checkpointing": spec.get("checkpointing", False)},
-            "optim": {"lr": 1e-2, "preconditioner": spec.get("precond", "riemannian"), "grad_clip": None,
-                      "name": spec.get("optim", "adamw")},
+            "optim": {"lr": 1e-2, "preconditioner": spec.get("precond", "riemannian"),
+                      "grad_clip": spec.get("clip"), "name": spec.get("optim", "adamw")},
             "distributed": {"zero_stage": spec["stage"], "num_workers": world,
                             "offload_optimizer": spec.get("offload", False)},
             "train": {"micro_batch_size": args.micro, "grad_accum_steps": args.accum,
@@ -89,12 +108,17 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
             "output": {"dir": args.out},
         }
     )  # fmt: skip
+    stage, out = cfg.distributed.zero_stage, Path(args.out)
     model = prepare_model(cfg, torch.device("cpu"))
     optimizer, preconditioner = build_optimizer(model, cfg.optim)
-    engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, args.steps), cfg)
+    engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, steps), cfg)
+    if spec.get("save_init"):
+        init = adapter_state(model, stage)
+        if rank == 0:
+            save_file(init, str(out / f"{spec['name']}.init.safetensors"))
     vocab = model.config.vocab_size
-    bytes_per_step = []
-    for step in range(args.steps):
+    bytes_per_step, grad_norms, lrs = [], [], []
+    for step in range(steps):
         SENT.clear()
         micro_batches = token_batches(step, world * args.accum, args.micro, args.length, vocab)
         mine = [micro_batches[j * world + rank] for j in range(args.accum)]
@@ -104,25 +128,21 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
             global_tokens=sum(m.numel() for m in micro_batches),
             epoch=0,
         )
+        lrs.append(engine.get_lr()[0])
         train_step(engine, batch, world)
         bytes_per_step.append(dict(SENT))
-    params = [p for _, layer in adapter_layers(model) for p in layer.adapter.parameters()]
-    with gathered(params, cfg.distributed.zero_stage):
-        state = {
-            f"{name}.{key}": t.detach().float().clone()
-            for name, layer in adapter_layers(model)
-            for key, t in layer.adapter.peft_state_dict().items()
-        }
+        grad_norms.append(global_grad_norm(engine))  # what the loop logs as grad_norm
+    state = adapter_state(model, stage)
+    trainable, total = count_parameters(model)  # after ZeRO-3 has partitioned the parameters
     if rank == 0:
-        from safetensors.torch import save_file
-
-        save_file(state, str(Path(args.out) / f"{spec['name']}.safetensors"))
+        save_file(state, str(out / f"{spec['name']}.safetensors"))
         # pairs whose systems are formed one at a time, while their module is gathered (ZeRO-3)
         partitioned = sum(_partitioned(s.a) for s in preconditioner.slots) if preconditioner else 0
         factorisations = preconditioner.factorisations if preconditioner else 0
         record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned,
-                  "factorisations": factorisations, "steps": args.steps}  # fmt: skip
-        (Path(args.out) / f"{spec['name']}.json").write_text(json.dumps(record))
+                  "factorisations": factorisations, "steps": steps, "grad_norm": grad_norms, "lr": lrs,
+                  "trainable_params": trainable, "total_params": total}  # fmt: skip
+        (out / f"{spec['name']}.json").write_text(json.dumps(record))
     dist.barrier()
 
 
