@@ -14,13 +14,14 @@ Starting the stack once for many configurations keeps the ZeRO 0-3 matrix afford
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ COLLECTIVES = (
     "reduce_scatter_tensor", "all_to_all_single", "_all_gather_base", "_reduce_scatter_base",
 )  # fmt: skip
 SENT: dict[str, int] = defaultdict(int)
+LOOP_FILE = str(Path("trainer") / "loop.py")
 
 
 def _nbytes(value: Any) -> int:
@@ -56,6 +58,30 @@ def count_collectives() -> None:
     for name in COLLECTIVES:
         if hasattr(dist, name):
             setattr(dist, name, _counting(name, getattr(dist, name)))
+
+
+@contextlib.contextmanager
+def counting_host_reads() -> Iterator[list[int]]:
+    """Count the values trainer/loop.py reads back to the host (``item``, ``tolist``, ``float``, ``bool``)
+    inside the block: on CUDA each is a wait for the device."""
+    count, names = [0], ("item", "tolist", "__float__", "__bool__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: torch.Tensor, *args: Any) -> Any:
+            if sys._getframe(1).f_code.co_filename.endswith(LOOP_FILE):
+                count[0] += 1
+            return fn(self, *args)
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, wrap(fn))
+    try:
+        yield count
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
 
 
 def token_batches(step: int, n_micro: int, micro: int, length: int, vocab: int) -> list[torch.Tensor]:
@@ -117,7 +143,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
         if rank == 0:
             save_file(init, str(out / f"{spec['name']}.init.safetensors"))
     vocab = model.config.vocab_size
-    bytes_per_step, grad_norms, lrs = [], [], []
+    bytes_per_step, grad_norms, lrs, host_reads = [], [], [], []
     for step in range(steps):
         SENT.clear()
         micro_batches = token_batches(step, world * args.accum, args.micro, args.length, vocab)
@@ -129,7 +155,9 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
             epoch=0,
         )
         lrs.append(engine.get_lr()[0])
-        train_step(engine, batch, world)
+        with counting_host_reads() as reads:
+            train_step(engine, batch, world)
+        host_reads.append(reads[0])
         bytes_per_step.append(dict(SENT))
         grad_norms.append(global_grad_norm(engine))  # what the loop logs as grad_norm
     state = adapter_state(model, stage)
@@ -141,7 +169,8 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
         factorisations = preconditioner.factorisations if preconditioner else 0
         record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned,
                   "factorisations": factorisations, "steps": steps, "grad_norm": grad_norms, "lr": lrs,
-                  "trainable_params": trainable, "total_params": total}  # fmt: skip
+                  "trainable_params": trainable, "total_params": total,
+                  "loop_host_reads": host_reads}  # fmt: skip
         (out / f"{spec['name']}.json").write_text(json.dumps(record))
     dist.barrier()
 
