@@ -63,8 +63,37 @@ def test_a_changed_corpus_is_refused(built: tuple[Path, TinyModelSpec], tmp_path
     edited = tmp_path / "train.jsonl"
     original = Path(spec.tokenizer_corpus[0]).read_text()
     edited.write_text(original + json.dumps({"text": "one more row"}) + "\n")
-    with pytest.raises(StaleModelError, match="tokenizer_corpus: the files' contents were different"):
+    with pytest.raises(
+        StaleModelError, match="tokenizer_corpus: the files' contents differed when it was built"
+    ):
         ensure_tiny_model(str(path), spec.model_copy(update={"tokenizer_corpus": [str(edited)]}))
+
+
+def test_a_model_built_by_other_builder_code_is_refused(
+    built: tuple[Path, TinyModelSpec], tmp_path: Path
+) -> None:
+    """A cache built before the code that makes the weights changed (the spec alone would not tell)."""
+    path, spec = built
+    older = tmp_path / "older"
+    shutil.copytree(path, older)
+    record = json.loads((older / "spec.json").read_text())
+    (older / "spec.json").write_text(json.dumps({**record, "builder_sha256": "0" * 64}))
+    with pytest.raises(StaleModelError, match=r"trainer/model/tiny\.py: the code that builds it differed"):
+        ensure_tiny_model(str(older), spec)
+
+
+def test_a_model_recorded_before_the_digests_is_checked_on_its_spec(
+    built: tuple[Path, TinyModelSpec], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache written by the builder before spec.json held digests: the spec alone, paths included."""
+    path, spec = built
+    older = tmp_path / "older"
+    shutil.copytree(path, older)
+    (older / "spec.json").write_text(spec.model_dump_json())
+    assert not ensure_tiny_model(str(older), spec)
+    assert "only its spec could be checked" in caplog.text
+    with pytest.raises(StaleModelError, match=r"num_layers: built with 1, model\.build asks for 2"):
+        ensure_tiny_model(str(older), spec.model_copy(update={"num_layers": 2}))
 
 
 def test_a_model_not_built_from_a_spec_is_refused(built: tuple[Path, TinyModelSpec], tmp_path: Path) -> None:
