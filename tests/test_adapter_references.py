@@ -168,7 +168,7 @@ def test_lora_grouped_conv_equals_float64_reference() -> None:
 
 
 def _svd_rule(weight: torch.Tensor, tau: float, r_min: int, r_max: int) -> int:
-    """The rule as METHODS.md states it, with numpy's float64 SVD and a plain loop."""
+    """The rule as docs/methods.md states it, with numpy's float64 SVD and a plain loop."""
     s = np.linalg.svd(weight.double().numpy(), compute_uv=False)
     total, running = s.sum(), 0.0
     for k, value in enumerate(s, start=1):

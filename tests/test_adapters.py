@@ -96,9 +96,9 @@ def test_only_adapter_parameters_train_and_all_get_gradients(method: str, base: 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_4bit_base_forward_and_backward_on_cpu(method: str, tiny_model_dir: Path) -> None:
-    """bf16 NF4 base as the demo trains it. Init is exact; then the bitsandbytes CPU trap (ENVIRONMENT.md):
-    an eval pass first, then a train pass must give the gradients of a model that never ran in eval mode
-    (a repacked layer passes no gradient, silently)."""
+    """bf16 NF4 base as the demo trains it. Init is exact; then the bitsandbytes CPU trap (its account:
+    trainer.model.guard_4bit_gradients): an eval pass first, then a train pass must give the gradients
+    of a model that never ran in eval mode (a repacked layer passes no gradient, silently)."""
     base4 = load_base(tiny_model_dir, "nf4", torch.bfloat16)
     model = adapted(base4, method, torch.bfloat16).eval()
     assert torch.equal(logits(model), logits(base4))

@@ -132,6 +132,9 @@ def test_golden_losses(tmp_path: Path) -> None:
     bf16 compute on a 4-bit base: kernels may round differently on another CPU, hence 2e-3 absolute;
     a numerics change (loss scale, preconditioner, data order) moves the losses by far more.
     Regenerate with UPDATE_GOLDEN=1 after an intended change, and say why in the commit.
+    The tiny base comes from the shared cache (.cache/models/tiny-llama); one built from another
+    model.build, corpus or builder code is refused (trainer.model.tiny.check_built_from), so these losses
+    are always those of the base the demo's spec builds today.
     """
     out = tmp_path / "golden"
     run_cli(

@@ -96,6 +96,21 @@ def test_finite_step_guard_skips_non_finite_gradients() -> None:
     assert not guard.skipped_last and (p.detach() < 1).all()
 
 
+def test_finite_step_guard_measures_then_clips_the_norm() -> None:
+    """At ZeRO-0 fp32 the guard is what measures grad_norm (DeepSpeed measures none there) and clips: the
+    norm reported is the one before clipping, the step is taken with the clipped gradient."""
+    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    guard = FiniteStepGuard(torch.optim.SGD([p, q], lr=1.0), max_norm=1.0)
+    p.grad, q.grad = torch.tensor([3.0]), torch.tensor([4.0])
+    guard.step()
+    assert guard._global_grad_norm == pytest.approx(5.0)
+    torch.testing.assert_close(torch.cat([p.detach(), q.detach()]), -torch.tensor([0.6, 0.8]))
+    p.grad, q.grad = torch.tensor([0.3]), torch.tensor([0.4])  # under the threshold: untouched
+    guard.step()
+    assert guard._global_grad_norm == pytest.approx(0.5)
+    torch.testing.assert_close(torch.cat([p.detach(), q.detach()]), -torch.tensor([0.9, 1.2]))
+
+
 class _Exploit:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

@@ -14,13 +14,14 @@ Starting the stack once for many configurations keeps the ZeRO 0-3 matrix afford
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ COLLECTIVES = (
     "reduce_scatter_tensor", "all_to_all_single", "_all_gather_base", "_reduce_scatter_base",
 )  # fmt: skip
 SENT: dict[str, int] = defaultdict(int)
+LOOP_FILE = str(Path("trainer") / "loop.py")
 
 
 def _nbytes(value: Any) -> int:
@@ -58,29 +60,73 @@ def count_collectives() -> None:
             setattr(dist, name, _counting(name, getattr(dist, name)))
 
 
+@contextlib.contextmanager
+def counting_host_reads() -> Iterator[list[int]]:
+    """Count the values trainer/loop.py reads back to the host (``item``, ``tolist``, ``float``, ``bool``)
+    inside the block: on CUDA each is a wait for the device."""
+    count, names = [0], ("item", "tolist", "__float__", "__bool__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: torch.Tensor, *args: Any) -> Any:
+            if sys._getframe(1).f_code.co_filename.endswith(LOOP_FILE):
+                count[0] += 1
+            return fn(self, *args)
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, wrap(fn))
+    try:
+        yield count
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
 def token_batches(step: int, n_micro: int, micro: int, length: int, vocab: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(3, vocab, (n_micro * micro, length), generator=gen)
     return list(ids.split(micro))
 
 
-def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
-    from trainer import config as config_lib
+def adapter_state(model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Every adapter tensor, gathered whole (ZeRO-3), in float32."""
     from trainer.adapters import adapter_layers
+    from trainer.engine import gathered
+
+    params = [p for _, layer in adapter_layers(model) for p in layer.adapter.parameters()]
+    with gathered(params, zero_stage):
+        return {
+            f"{name}.{key}": t.detach().float().clone()
+            for name, layer in adapter_layers(model)
+            for key, t in layer.adapter.peft_state_dict().items()
+        }
+
+
+def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
+    """One configuration; spec keys: name, stage, and optionally quant, checkpointing, precond, optim,
+    offload, dtype, clip (optim.grad_clip; default none), steps, save_init (also write the adapter before
+    training, ``<name>.init.safetensors``), loader ("stream", the default, or "pretrained": the
+    from_pretrained baseline), logits (save the logits before any step), chunk (loss chunk tokens)."""
+    from safetensors.torch import save_file
+
+    from trainer import config as config_lib
     from trainer.data.batches import StepBatch
-    from trainer.engine import build_engine, gathered, layer_partitioner
+    from trainer.engine import build_engine, global_grad_norm, layer_partitioner
     from trainer.loop import train_step
-    from trainer.model import prepare_model, prepare_model_from_pretrained
+    from trainer.model import count_parameters, prepare_model, prepare_model_from_pretrained
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.optim.riemannian import _partitioned
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    steps = spec.get("steps", args.steps)
     cfg = config_lib.validate(
         {
             "model": {"path": args.model, "quantization": spec.get("quant", "none"),
                       "gradient_checkpointing": spec.get("checkpointing", False)},
-            "optim": {"lr": 1e-2, "preconditioner": spec.get("precond", "riemannian"), "grad_clip": None,
-                      "name": spec.get("optim", "adamw")},
+            "optim": {"lr": 1e-2, "preconditioner": spec.get("precond", "riemannian"),
+                      "grad_clip": spec.get("clip"), "name": spec.get("optim", "adamw")},
             "distributed": {"zero_stage": spec["stage"], "num_workers": world,
                             "offload_optimizer": spec.get("offload", False)},
             "train": {"micro_batch_size": args.micro, "grad_accum_steps": args.accum,
@@ -89,6 +135,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
             "output": {"dir": args.out},
         }
     )  # fmt: skip
+    stage, out = cfg.distributed.zero_stage, Path(args.out)
     SENT.clear()
     if spec.get("loader", "stream") == "pretrained":  # the from_pretrained baseline
         model = prepare_model_from_pretrained(cfg, torch.device("cpu"))
@@ -99,15 +146,19 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
     whole = sum(1 for p in model.parameters() if not p.requires_grad and p.data.numel() > 0)
     optimizer, preconditioner = build_optimizer(model, cfg.optim)
     SENT.clear()
-    engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, args.steps), cfg)
+    engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, steps), cfg)
     init_bytes = dict(SENT)
+    if spec.get("save_init"):
+        init = adapter_state(model, stage)
+        if rank == 0:
+            save_file(init, str(out / f"{spec['name']}.init.safetensors"))
     vocab = model.config.vocab_size
     if spec.get("logits"):  # before any step, every rank forwards (ZeRO-3 gathers as it goes)
         with torch.no_grad():
             ids = torch.randint(3, vocab, (2, args.length), generator=torch.Generator().manual_seed(7))
             logits = engine(input_ids=ids, use_cache=False).logits.float()
-    bytes_per_step = []
-    for step in range(args.steps):
+    bytes_per_step, grad_norms, lrs, host_reads = [], [], [], []
+    for step in range(steps):
         SENT.clear()
         micro_batches = token_batches(step, world * args.accum, args.micro, args.length, vocab)
         mine = [micro_batches[j * world + rank] for j in range(args.accum)]
@@ -117,29 +168,27 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
             global_tokens=sum(m.numel() for m in micro_batches),
             epoch=0,
         )
-        train_step(engine, batch, world, chunk=spec.get("chunk", 0))
+        lrs.append(engine.get_lr()[0])
+        with counting_host_reads() as reads:
+            train_step(engine, batch, world, chunk=spec.get("chunk", 0))
+        host_reads.append(reads[0])
         bytes_per_step.append(dict(SENT))
-    params = [p for _, layer in adapter_layers(model) for p in layer.adapter.parameters()]
-    with gathered(params, cfg.distributed.zero_stage):
-        state = {
-            f"{name}.{key}": t.detach().float().clone()
-            for name, layer in adapter_layers(model)
-            for key, t in layer.adapter.peft_state_dict().items()
-        }
+        grad_norms.append(global_grad_norm(engine))  # what the loop logs as grad_norm
+    state = adapter_state(model, stage)
+    trainable, total = count_parameters(model)  # after ZeRO-3 has partitioned the parameters
     if rank == 0:
-        from safetensors.torch import save_file
-
-        save_file(state, str(Path(args.out) / f"{spec['name']}.safetensors"))
+        save_file(state, str(out / f"{spec['name']}.safetensors"))
         if spec.get("logits"):
-            logits_file = Path(args.out) / f"{spec['name']}.logits.safetensors"
-            save_file({"logits": logits.contiguous()}, str(logits_file))
+            save_file({"logits": logits.contiguous()}, str(out / f"{spec['name']}.logits.safetensors"))
         # pairs whose systems are formed one at a time, while their module is gathered (ZeRO-3)
         partitioned = sum(_partitioned(s.a) for s in preconditioner.slots) if preconditioner else 0
         factorisations = preconditioner.factorisations if preconditioner else 0
         record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned,
                   "load_bytes": load_bytes, "init_bytes": init_bytes, "whole_after_load": whole,
-                  "factorisations": factorisations, "steps": args.steps}  # fmt: skip
-        (Path(args.out) / f"{spec['name']}.json").write_text(json.dumps(record))
+                  "factorisations": factorisations, "steps": steps, "grad_norm": grad_norms, "lr": lrs,
+                  "trainable_params": trainable, "total_params": total,
+                  "loop_host_reads": host_reads}  # fmt: skip
+        (out / f"{spec['name']}.json").write_text(json.dumps(record))
     dist.barrier()
 
 

@@ -69,7 +69,8 @@ class ModelConfig(Section):
     """nf4: the frozen base is loaded in 4-bit NF4 through bitsandbytes (double quant, storage in the
     compute dtype so ZeRO-3 can shard it)."""
     build: TinyModelSpec | None = None
-    """If set and ``path`` holds no model yet, build this tiny random-init model there first."""
+    """If set and ``path`` holds no model yet, build this tiny random-init model there first; a model
+    already there must have been built from this spec and corpus (else an error: delete it to rebuild)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -97,7 +98,7 @@ class SaraConfig(Section):
     """SARA's per-module rank rule (also picks Mo-SARA's number of singular directions k).
 
     k = the smallest k whose leading singular values sum to ``tau`` of the total, clipped to
-    [r_min, r_max] (our reading of arXiv 2408.03290: see docs/METHODS.md).
+    [r_min, r_max] (our reading of arXiv 2408.03290: see docs/methods.md).
     """
 
     tau: float = Field(0.5, gt=0, le=1)
@@ -133,7 +134,7 @@ class FloraConfig(Section):
 
 class AdapterConfig(Section):
     method: AdapterMethod = "lora"
-    """Adapter method (docs/METHODS.md): lora, dora, bone, bat, flora, sara or mosara."""
+    """Adapter method (docs/methods.md): lora, dora, bone, bat, flora, sara or mosara."""
     rank: int = Field(8, gt=0)
     """Rank r of the low-rank factors (bone/bat: the block size; flora: the out and in mode ranks;
     sara/mosara: ignored, each module's rank comes from ``adapter.sara``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -176,30 +177,39 @@ def build_engine(
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     device = next(model.parameters()).device
     device_rank = device.index if device.type == "cuda" else int(os.environ.get("LOCAL_RANK", 0))
+    config = deepspeed_config(cfg, world_size, trainable, load_universal)
     if cfg.distributed.zero_stage == 0 and cfg.train.dtype == "fp32":
         # The only configuration where DeepSpeed hands the client optimizer the raw gradients without
-        # checking them first (ZeRO 1-3 and bf16 skip a step whose gradient norm is not finite).
-        optimizer = FiniteStepGuard(optimizer)
+        # checking them first (ZeRO 1-3 and bf16 skip a step whose gradient norm is not finite), and
+        # without measuring their norm: the guard does both, and clips (DeepSpeed's clipping there
+        # would discard the norm it computes, and clip before the guard could measure).
+        optimizer = FiniteStepGuard(optimizer, max_norm=cfg.optim.grad_clip)
+        config["gradient_clipping"] = 0.0
     engine, *_ = deepspeed.initialize(
         args=argparse.Namespace(device_rank=device_rank),
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size, trainable, load_universal),
+        config=config,
     )
     return engine
 
 
 class FiniteStepGuard(torch.optim.Optimizer):
-    """Wraps an optimizer so that a step whose gradients are not all finite changes nothing.
+    """Wraps an optimizer so that a step whose gradients are not all finite changes nothing, and measures
+    (and clips to ``max_norm``) the global gradient norm before the step, as DeepSpeed's ZeRO optimizers do.
 
     Used at ZeRO stage 0 in fp32, where every rank holds the same all-reduced gradients, so every rank
-    takes the same decision without communicating.
+    takes the same decision and measures the same norm without communicating. The norm is left in
+    ``_global_grad_norm``, where DeepSpeed's engine picks it up for ``get_global_grad_norm``; it is that of
+    the gradient the optimizer consumes (preconditioned, when the preconditioner is on), before clipping.
     """
 
-    def __init__(self, inner: torch.optim.Optimizer) -> None:
+    def __init__(self, inner: torch.optim.Optimizer, max_norm: float | None = None) -> None:
         self.inner = inner
+        self.max_norm = max_norm
         self.skipped_last = False
+        self._global_grad_norm: float | None = None
         # Share the inner optimizer's groups and state: DeepSpeed and schedulers read and write them here.
         self.param_groups = inner.param_groups
         self.state = inner.state
@@ -208,10 +218,17 @@ class FiniteStepGuard(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self.skipped_last = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        # float64: the squares of float32 gradients cannot overflow, so the norm is finite exactly when
+        # every gradient is (one host read decides both).
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
+        norm = float(torch.linalg.vector_norm(torch.stack(norms))) if grads else 0.0
+        self._global_grad_norm = norm
+        self.skipped_last = not math.isfinite(norm)
         if self.skipped_last:
             self.zero_grad(set_to_none=True)
             return None
+        if self.max_norm is not None and norm > self.max_norm:
+            torch._foreach_mul_(grads, self.max_norm / (norm + 1e-6))  # DeepSpeed's and torch's coefficient
         return self.inner.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -222,6 +239,13 @@ class FiniteStepGuard(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
+
+
+def global_grad_norm(engine: Any) -> float | None:
+    """The norm of the last step's whole gradient (every rank's, after reduction, before clipping) at any
+    ZeRO stage; None where DeepSpeed measured none."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
 
 
 def step_was_skipped(engine: Any) -> bool:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.data import IGNORE_INDEX, GlobalBatches, StepBatch
-from trainer.engine import gathered, step_was_skipped
+from trainer.engine import gathered, global_grad_norm, step_was_skipped
 from trainer.loss import loss_sum, token_loss_sum
 from trainer.progress import progress
 from trainer.tracking import Tracker
@@ -53,43 +53,51 @@ def micro_loss(engine: Any, micro: dict[str, torch.Tensor], chunk: int = 0) -> t
     return loss_sum(engine, inputs, micro["labels"], chunk, lambda params: gathered(params, stage))
 
 
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def to_device(micro: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A micro-batch on ``device``. On CUDA from pinned memory without blocking: a copy from pageable
+    memory returns only once it is done, which waits for every kernel queued before it (a device sync
+    per micro-batch); from pinned memory it is queued behind them and the host runs on."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in micro.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in micro.items()}
 
 
-def train_step(engine: Any, batch: StepBatch, world_size: int, poison: bool = False, chunk: int = 0) -> float:
-    """One optimizer step over this rank's micro-batches; returns this rank's summed token loss.
+def train_step(
+    engine: Any, batch: StepBatch, world_size: int, poison: bool = False, chunk: int = 0
+) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns this rank's summed token loss (a float64
+    scalar on the engine's device: summed there, so the host waits for the device once per step, not at
+    every micro-batch).
 
     DeepSpeed divides each backward by the accumulation steps and averages over ranks; scaling by both
     and dividing by the global loss-token count makes the gradient a mean over every token of the global
     batch, however it is cut into ranks and micro-batches. ``poison`` makes the loss infinite (drills).
     """
     scale = world_size * len(batch.micro_batches) / max(1, batch.global_loss_tokens)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for micro in batch.micro_batches:
-        micro = {k: v.to(engine.device) for k, v in micro.items()}
+        micro = to_device(micro, engine.device)
         summed = micro_loss(engine, micro, chunk)
         if poison:
             summed = summed * math.inf
         engine.backward(summed * scale)
         engine.step()
-        total += summed.item()
+        total += summed.detach()
     return total
 
 
 @torch.no_grad()
 def evaluate(engine: Any, batches: list[dict[str, torch.Tensor]], chunk: int = 0) -> float:
-    """Mean token loss over the whole eval set (all ranks)."""
+    """Mean token loss over the whole eval set (all ranks); summed on the device, read once."""
     engine.eval()
-    loss, tokens = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # loss, tokens
     for micro in batches:
-        micro = {k: v.to(engine.device) for k, v in micro.items()}
-        loss += micro_loss(engine, micro, chunk).item()
-        tokens += int((micro["labels"][:, 1:] != IGNORE_INDEX).sum())
+        micro = to_device(micro, engine.device)
+        sums[0] += micro_loss(engine, micro, chunk)
+        sums[1] += (micro["labels"][:, 1:] != IGNORE_INDEX).sum()
     engine.train()
-    total_loss, total_tokens = _all_reduce([loss, tokens], engine.device)
+    dist.all_reduce(sums)
+    total_loss, total_tokens = sums.tolist()
     return total_loss / max(1.0, total_tokens)
 
 
@@ -161,14 +169,17 @@ def train(
         start = time.perf_counter()
         batch = plan.for_step(state.step)
         poison = state.step + 1 in settings.poison_steps
-        step_loss = train_step(engine, batch, world, poison, settings.loss_chunk_tokens)
-        (loss_sum,) = _all_reduce([step_loss], engine.device)
-        loss, seconds = loss_sum / max(1, batch.global_loss_tokens), time.perf_counter() - start
+        summed = train_step(engine, batch, world, poison, settings.loss_chunk_tokens)
+        dist.all_reduce(summed)
+        loss = summed.item() / max(1, batch.global_loss_tokens)  # the step's one wait for the device
+        seconds = time.perf_counter() - start
         skipped = step_was_skipped(engine) or not math.isfinite(loss)
         state.record(loss, skipped, settings.max_bad_steps)
         state.tokens, state.train_seconds = state.tokens + batch.global_tokens, state.train_seconds + seconds
+        grad_norm = None if skipped else global_grad_norm(engine)
         metrics = {
-            **({} if skipped else {"loss": loss, "grad_norm": float(engine.get_global_grad_norm() or 0.0)}),
+            **({} if skipped else {"loss": loss}),
+            **({} if grad_norm is None else {"grad_norm": grad_norm}),
             "lr": engine.get_lr()[0],
             "tokens_per_s": batch.global_tokens / seconds,
             "step_time_s": seconds,

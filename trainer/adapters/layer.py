@@ -12,7 +12,7 @@ from trainer.config import AdapterConfig
 
 
 class Adapter(nn.Module):
-    """The trainable part of one adapted layer. One subclass per method (docs/METHODS.md).
+    """The trainable part of one adapted layer. One subclass per method (docs/methods.md).
 
     A method implements ``forward`` (the whole layer output, given the base layer), ``delta_weight``
     (Delta W, for merging) and names its tensors in ``peft_state_dict``; ``peft_config`` writes its

@@ -1,5 +1,5 @@
 """Mo-SARA: a mixture of singular-value experts (Gu et al., arXiv 2408.03290). No official code exists:
-this is our reading of the paper (docs/METHODS.md), not a port."""
+this is our reading of the paper (docs/methods.md), not a port."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """SARA: singular-value based adaptive rank (Gu et al., arXiv 2408.03290): a LoRA whose rank each module
 chooses from its pretrained weight's spectrum. No official code exists: this is our reading of the paper
-(docs/METHODS.md), not a port."""
+(docs/methods.md), not a port."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from trainer.model.load import (
     quantized_digest,
 )
 from trainer.model.tiny import (
+    StaleModelError,
     build_tiny_model,
     corpus_texts,
     ensure_tiny_model,
@@ -28,6 +29,7 @@ from trainer.model.tiny import (
 __all__ = [
     "DTYPES",
     "BaseDigest",
+    "StaleModelError",
     "build_tiny_model",
     "corpus_texts",
     "count_parameters",

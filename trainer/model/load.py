@@ -229,10 +229,14 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count their logical size."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = 0
+    """(trainable, total) logical parameter counts: a 4-bit weight counts its unpacked shape, a ZeRO-3
+    partitioned one its whole size (``ds_numel``; its local tensor is empty outside a gather)."""
+    trainable = total = 0
     for p in model.parameters():
         shape = getattr(getattr(p, "quant_state", None), "shape", None)
-        total += int(torch.Size(shape).numel()) if shape is not None else p.numel()
+        numel = (
+            int(torch.Size(shape).numel()) if shape is not None else int(getattr(p, "ds_numel", p.numel()))
+        )
+        total += numel
+        trainable += numel if p.requires_grad else 0
     return trainable, total
