@@ -21,7 +21,7 @@ def test_zero3_per_rank_peak_shrinks_with_more_workers(tmp_path: Path) -> None:
     model = build_checkpoint(layers=8, hidden=1024, vocab=32000)
     base, layer = base_bytes(str(model))
     args = argparse.Namespace(model=str(model), steps=1, length=32)
-    one, two = (run_variant(args, "stream", 3, n) for n in (1, 2))
+    one, two = (run_variant(args, "stream", 3, n, malloc_mmap_threshold=1 << 16) for n in (1, 2))
 
     def share(ranks: list[dict], phase: str) -> float:
         return max(r[f"peak_{phase}"] - r["peak_start"] for r in ranks)
