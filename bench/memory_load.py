@@ -151,7 +151,13 @@ def worker(args: argparse.Namespace) -> None:
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def run_variant(args: argparse.Namespace, loader: str, stage: int, world: int) -> list[dict[str, Any]]:
+def run_variant(
+    args: argparse.Namespace, loader: str, stage: int, world: int, malloc_mmap_threshold: int | None = None
+) -> list[dict[str, Any]]:
+    """``malloc_mmap_threshold``: glibc's MALLOC_MMAP_THRESHOLD_ for the workers (fixed: every block of
+    that size or more is mmapped and returned to the OS when freed; by default glibc raises the
+    threshold as large blocks are freed and then keeps freed layer-sized blocks in its heap, which
+    RssAnon counts as if they were live)."""
     out = CACHE / f"run-{uuid.uuid4().hex[:8]}"
     out.mkdir(parents=True)
     store = out / "store"
@@ -161,6 +167,8 @@ def run_variant(args: argparse.Namespace, loader: str, stage: int, world: int) -
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo",
                "OMP_NUM_THREADS": threads}  # fmt: skip
+        if malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
         cmd = [sys.executable, "-m", "bench.memory_load", "--worker", "--model", args.model,
                "--out", str(out), "--store", str(store), "--loader", loader, "--stage", str(stage),
                "--steps", str(args.steps), "--length", str(args.length)]  # fmt: skip
