@@ -28,8 +28,9 @@ from trainer.config import TrackingConfig
 from trainer.tracking import MlflowTracker
 
 METRICS = [
-    "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "epoch", "preconditioner_fallbacks",
-    "peak_memory_mb", "peak_memory_mb.rank0", "peak_memory_mb.rank1", "eval_loss", "tokens",
+    "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s", "train/epoch",
+    "train/preconditioner_fallbacks", "memory/peak_mb", "memory/peak_mb.rank0", "memory/peak_mb.rank1",
+    "eval/loss", "train/tokens",
 ]  # fmt: skip
 
 

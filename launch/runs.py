@@ -53,9 +53,9 @@ def recent_runs(uri: str, experiment: str | None = None, limit: int = 20) -> lis
 
 def _row(client: Any, run: Any) -> dict[str, Any]:
     run_id, metrics, params = run.info.run_id, run.data.metrics, run.data.params
-    losses = client.get_metric_history(run_id, "loss")
-    speeds = {m.step: m.value for m in client.get_metric_history(run_id, "tokens_per_s")}
-    times = {m.step: m.value for m in client.get_metric_history(run_id, "step_time_s")}
+    losses = client.get_metric_history(run_id, "train/loss")
+    speeds = {m.step: m.value for m in client.get_metric_history(run_id, "train/tokens_per_s")}
+    times = {m.step: m.value for m in client.get_metric_history(run_id, "train/step_time_s")}
     steps = speeds.keys() & times.keys()
     seconds = sum(times[s] for s in steps)
     return {
@@ -64,8 +64,8 @@ def _row(client: Any, run: Any) -> dict[str, Any]:
         "status": run.info.status,
         "start": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
         "steps": max(m.step for m in losses) if losses else None,
-        "loss": metrics.get("loss"),
-        "eval loss": metrics.get("eval_loss"),
+        "loss": metrics.get("train/loss"),
+        "eval loss": metrics.get("eval/loss"),
         # tokens over seconds (not a mean of per-step rates): what the run's summary reports
         "tokens/s": sum(speeds[s] * times[s] for s in steps) / seconds if seconds else None,
         **{column: params.get(key) for column, key in KEY_PARAMS.items()},

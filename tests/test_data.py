@@ -225,14 +225,14 @@ def test_bad_rows_skipped_are_counted_exactly(make_config: Callable[..., Any], t
     plan, _ = build_data(run, AutoTokenizer.from_pretrained(run.model.path), rank=0, world_size=1)
     kinds = {"missing_field": 4, "wrong_type": 4, "invalid_json": 4, "empty_field": 4, "too_long": 4}
     want = {
-        "data_train_examples": 8.0,
-        "data_bad_rows": 20.0,
-        "data_eval_examples": 8.0,
-        "data_eval_bad_rows": 20.0,
+        "data/train_examples": 8.0,
+        "data/bad_rows": 20.0,
+        "data/eval_examples": 8.0,
+        "data/eval_bad_rows": 20.0,
     }
-    want |= {f"data_bad_rows_{k}": float(n) for k, n in kinds.items()}
-    want |= {f"data_eval_bad_rows_{k}": float(n) for k, n in kinds.items()}
-    assert plan.stats() == want | {"data_truncated": 0.0, "data_eval_truncated": 0.0}
+    want |= {f"data/bad_rows_{k}": float(n) for k, n in kinds.items()}
+    want |= {f"data/eval_bad_rows_{k}": float(n) for k, n in kinds.items()}
+    assert plan.stats() == want | {"data/truncated": 0.0, "data/eval_truncated": 0.0}
 
 
 def test_truncated_examples_stay_and_are_counted(tmp_path: Path, tok: PreTrainedTokenizerBase) -> None:
@@ -273,7 +273,7 @@ def test_eval_fraction_is_fixed_by_its_seed(make_config: Callable[..., Any], tmp
         run = make_config(f"data.train_path={path}", "data.eval_path=null", "data.eval_fraction=0.2",
                           f"data.cache_dir={tmp_path}/c", "train.micro_batch_size=2", *extra)  # fmt: skip
         plan, evals = build_data(run, AutoTokenizer.from_pretrained(run.model.path), rank=0, world_size=1)
-        assert plan.stats()["data_train_examples"] == 40 and plan.stats()["data_eval_examples"] == 10
+        assert plan.stats()["data/train_examples"] == 40 and plan.stats()["data/eval_examples"] == 10
         trained = {
             tuple(r[r != 0].tolist())
             for s in range(20)

@@ -117,7 +117,7 @@ def test_packing_keeps_every_example_whole(plan_for: Callable[..., GlobalBatches
         real = sum(int((m["input_ids"] != 0).sum()) for m in micro)
         assert batch.global_tokens == real
         slots = sum(m["input_ids"].numel() for m in micro)
-        assert batch.metrics["packing_efficiency"] == pytest.approx(real / slots)
+        assert batch.metrics["data/packing_efficiency"] == pytest.approx(real / slots)
 
 
 @pytest.mark.parametrize(("attn", "flat"), [("sdpa", False), ("eager", False), ("sdpa", True)])
@@ -190,9 +190,9 @@ def test_streaming_yields_the_map_style_batches(plan_for: Callable[..., GlobalBa
     steps = mapped.steps_in(0)
     for step in [0, 1, 2, steps - 1, steps, steps + 1]:  # across the epoch boundary
         assert_same(mapped.for_step(step), streamed.for_step(step))
-    for key in ("data_bad_rows", "data_bad_rows_missing_field", "data_truncated"):
+    for key in ("data/bad_rows", "data/bad_rows_missing_field", "data/truncated"):
         assert streamed.stats()[key] == mapped.stats()[key], key
-    assert mapped.stats()["data_bad_rows"] == 2
+    assert mapped.stats()["data/bad_rows"] == 2
 
 
 @pytest.mark.parametrize("streaming", ["false", "true"])
@@ -226,4 +226,4 @@ def test_flash_attention_gets_one_padding_free_row(plan_for: Callable[..., Globa
             keep = x["input_ids"] != 0  # the same examples, in the same order, row after row
             for k in ("input_ids", "labels", "position_ids"):
                 assert torch.equal(y[k][0], x[k][keep])
-        assert b.metrics["packing_efficiency"] == 1.0
+        assert b.metrics["data/packing_efficiency"] == 1.0

@@ -157,7 +157,7 @@ def test_losing_a_node_ends_in_a_resumed_finished_run(killed_run: tuple) -> None
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"
     assert len(client.search_runs([run.info.experiment_id])) == 1, "the restart continued the same run"
-    losses = client.get_metric_history(run.info.run_id, "loss")
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert max(m.step for m in losses) == MAX_STEPS
 
 

@@ -187,9 +187,9 @@ def test_non_finite_step_is_skipped_and_counted(
     assert (summary["steps"], summary["skipped_steps"]) == (5, 1)
     assert all(torch.isfinite(t).all() for t in load_adapter_tensors(run).values())
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-    assert "loss" not in rows[3] and rows[3]["skipped_steps"] == 1 and rows[4]["loss"] < 20
+    assert "train/loss" not in rows[3] and rows[3]["train/skipped_steps"] == 1 and rows[4]["train/loss"] < 20
     # the real norm at every good step (ZeRO-0 logged 0.0 before the guard measured it), none when skipped
-    assert "grad_norm" not in rows[3] and all(rows[s]["grad_norm"] > 1e-3 for s in (1, 2, 4, 5))
+    assert "train/grad_norm" not in rows[3] and all(rows[s]["train/grad_norm"] > 1e-3 for s in (1, 2, 4, 5))
 
 
 def test_too_many_non_finite_steps_stop_the_run(
@@ -218,7 +218,7 @@ def test_zero3_matches_zero2_on_a_4bit_base(make_config: Callable[..., RunConfig
             "train", str(_config(make_config, tmp_path, name, f"distributed.zero_stage={stage}", *common))
         )
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        losses[stage] = [r["loss"] for r in rows if "loss" in r]
+        losses[stage] = [r["train/loss"] for r in rows if "train/loss" in r]
         summaries[stage] = _summary(tmp_path / name)
     assert len(losses[2]) == 5 and losses[2][-1] < losses[2][0]
     for step, (two, three) in enumerate(zip(losses[2], losses[3], strict=True), start=1):

@@ -112,7 +112,7 @@ def test_mlflow_run_continues_across_the_requeue(preempted_job: dict) -> None:
     assert run.data.tags["restarts"] == "1", "the requeued start counts as a restart of the same launch"
     assert run.data.tags.get("slurm_job_id") == preempted_job["id"]
     assert len(client.search_runs([run.info.experiment_id])) == 1, "the requeued job continued the run"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert max(steps) == MAX_STEPS and set(steps) == set(range(1, MAX_STEPS + 1))
 
 

@@ -39,7 +39,7 @@ def test_the_step_is_the_last_whole_row(tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.jsonl"
     assert last_step(metrics) == 0
     metrics.write_text(
-        '{"step": 41, "loss": 1.0}\n{"step": 42, "loss": 1.0}\n{"step": 4'
+        '{"step": 41, "train/loss": 1.0}\n{"step": 42, "train/loss": 1.0}\n{"step": 4'
     )  # a row being written
     assert last_step(metrics) == 42
 

@@ -81,7 +81,7 @@ def build_data(
     eval_data = None
     if d.eval_path:
         eval_data, eval_bad = tokenize_path(d.eval_path, d, tokenizer)
-        info |= counts(eval_bad, "data_eval")
+        info |= counts(eval_bad, "data/eval_")
     plan: GlobalBatches
     if d.streaming:
         plan = StreamBatches(
@@ -91,14 +91,14 @@ def build_data(
     else:
         data, ids, held, bad = tokenize_sources(d, tokenizer)
         eval_data = data.select(held) if held else eval_data
-        info |= {"data_train_examples": float(sum(len(s) for s in ids))} | counts(bad, "data")
+        info |= {"data/train_examples": float(sum(len(s) for s in ids))} | counts(bad, "data/")
         plan = MapBatches(
             data, ids, [s.weight for s in d.train_path], layout,
             seed=t.seed, window=d.shuffle_buffer, capacity=capacity,
         )  # fmt: skip
     evals = []
     if eval_data is not None:
-        info["data_eval_examples"] = float(len(eval_data))
+        info["data/eval_examples"] = float(len(eval_data))
         evals = eval_batches(
             eval_data, t.micro_batch_size, world_size, rank, layout.pad_id, t.eval_max_batches
         )

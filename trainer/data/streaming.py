@@ -205,7 +205,7 @@ class StreamBatches:
         rows = self._take()
         batch = assemble(rows, self, self.layout, self.epoch)
         self._release(rows)
-        batch.metrics.update(counts(self.bad, "data"))
+        batch.metrics.update(counts(self.bad, "data/"))
         return batch
 
     def length(self, i: int) -> int:
@@ -219,4 +219,4 @@ class StreamBatches:
 
     def stats(self) -> dict[str, float]:
         """Bad rows skipped and examples truncated so far (each once, in the first pass of epoch 0)."""
-        return self.info | counts(self.bad, "data")
+        return self.info | counts(self.bad, "data/")

@@ -91,10 +91,10 @@ def encoded(f: SourceFile, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) 
 def counts(seen: Counter[str], prefix: str) -> dict[str, float]:
     """Metric names for bad-row counts by kind (``seen`` also holds "truncated": examples cut)."""
     bad = {k: n for k, n in sorted(seen.items()) if k != "truncated"}
-    out = {f"{prefix}_bad_rows": float(sum(bad.values()))} | {
-        f"{prefix}_bad_rows_{k}": float(n) for k, n in bad.items()
+    out = {f"{prefix}bad_rows": float(sum(bad.values()))} | {
+        f"{prefix}bad_rows_{k}": float(n) for k, n in bad.items()
     }
-    return out | {f"{prefix}_truncated": float(seen["truncated"])}
+    return out | {f"{prefix}truncated": float(seen["truncated"])}
 
 
 def column(data: datasets.Dataset, name: str) -> np.ndarray:

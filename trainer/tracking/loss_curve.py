@@ -27,8 +27,8 @@ def plot_loss_curve(metrics_jsonl: Path, png: Path) -> bool:
     from matplotlib.figure import Figure
 
     rows = read_rows(metrics_jsonl)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
     if not train and not evals:
         return False
     fig = Figure(figsize=(7, 4), dpi=100)

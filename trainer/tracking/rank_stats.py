@@ -42,11 +42,11 @@ def peak_reserved_mb(device: torch.device) -> float:
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
-    """``peak_memory_mb`` (the largest over ranks) and ``peak_memory_mb.rank<i>`` for every rank; on GPUs
-    also ``peak_memory_reserved_mb`` and ``peak_memory_reserved_mb.rank<i>`` (the allocator's reserve)."""
-    metrics = _over_ranks("peak_memory_mb", peak_memory_mb(device), device)
+    """``memory/peak_mb`` (the largest over ranks) and ``memory/peak_mb.rank<i>`` for every rank; on GPUs
+    also ``memory/peak_reserved_mb`` and ``memory/peak_reserved_mb.rank<i>`` (the allocator's reserve)."""
+    metrics = _over_ranks("memory/peak_mb", peak_memory_mb(device), device)
     if device.type == "cuda":
-        metrics |= _over_ranks("peak_memory_reserved_mb", peak_reserved_mb(device), device)
+        metrics |= _over_ranks("memory/peak_reserved_mb", peak_reserved_mb(device), device)
     return metrics
 
 
