@@ -91,7 +91,7 @@ def test_loss_curve_png_shows_both_curves(tmp_path: Path) -> None:
 
     from trainer.tracking import plot_loss_curve
 
-    rows = [{"step": 0, "eval_loss": 3.0}] + [{"step": s, "loss": 3.0 / s} for s in range(1, 21)]
+    rows = [{"step": 0, "eval/loss": 3.0}] + [{"step": s, "train/loss": 3.0 / s} for s in range(1, 21)]
     jsonl = tmp_path / "metrics.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "lo')  # torn last line
     assert plot_loss_curve(jsonl, tmp_path / "curve.png")
@@ -126,9 +126,9 @@ def test_peak_memory_per_rank_matches_the_kernels_high_water_mark(tmp_path: Path
     hwm_kib = next(
         int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM")
     )
-    assert set(metrics) == {"peak_memory_mb", "peak_memory_mb.rank0"}
-    assert metrics["peak_memory_mb.rank0"] == metrics["peak_memory_mb"]
-    assert metrics["peak_memory_mb"] == pytest.approx(hwm_kib / 1024, abs=2.0)
+    assert set(metrics) == {"memory/peak_mb", "memory/peak_mb.rank0"}
+    assert metrics["memory/peak_mb.rank0"] == metrics["memory/peak_mb"]
+    assert metrics["memory/peak_mb"] == pytest.approx(hwm_kib / 1024, abs=2.0)
 
 
 # -- the MLflow tracker on the embedded sqlite store ---------------------------------------------------
@@ -312,15 +312,16 @@ def test_two_workers_log_one_run_with_params_tags_metrics_and_artefacts(
     assert sorted({int(r["step"]) for r in rows}) == list(range(7)), (
         "eval and data stats at step 0, then every step"
     )
-    assert [int(r["step"]) for r in rows if "loss" in r] == list(range(1, 7))
+    assert [int(r["step"]) for r in rows if "train/loss" in r] == list(range(1, 7))
     _assert_histories_match_jsonl(client, run.info.run_id, rows)
     logged = run.data.metrics
-    for key in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
-                "preconditioner_fallbacks", "peak_memory_mb.rank0", "peak_memory_mb.rank1"):  # fmt: skip
+    for key in ("train/loss", "eval/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/step_time_s", "train/preconditioner_fallbacks", "memory/peak_mb.rank0",
+                "memory/peak_mb.rank1"):  # fmt: skip
         assert key in logged, key
     assert (
-        100 < logged["peak_memory_mb.rank1"] < 16_000
-        and logged["peak_memory_mb.rank0"] != logged["peak_memory_mb.rank1"]
+        100 < logged["memory/peak_mb.rank1"] < 16_000
+        and logged["memory/peak_mb.rank0"] != logged["memory/peak_mb.rank1"]
     ), "each rank reports its own process"
     assert any(k.startswith("system/cpu_utilization") for k in logged), "MLflow system metrics"
     assert summary["mlflow_metric_rows"] == len(rows) == 8 and summary["mlflow_metric_rows_dropped"] == 0
@@ -331,6 +332,26 @@ def test_two_workers_log_one_run_with_params_tags_metrics_and_artefacts(
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= adapter
     (version,) = client.search_model_versions("name='tiny-adapter'")
     assert version.run_id == run.info.run_id and version.source.endswith("/adapter")
+
+
+@pytest.mark.integration
+def test_sample_answers_reach_mlflow_as_a_table(
+    mlflow_server: MlflowServer, two_worker_run: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    """At each evaluation (steps 0, 3, 6) the first 4 eval prompts are answered: 12 rows, read back from
+    the server as the table the UI shows, equal to the run's samples.jsonl."""
+    out, _ = two_worker_run
+    summary = json.loads((out / "summary.json").read_text())
+    client = _client(mlflow_server.uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    table = client.load_table(run.info.experiment_id, "samples.json", run_ids=[run.info.run_id])
+    assert list(table.columns[:5]) == ["step", "prompt", "reference", "generation", "exact"]
+    assert table["step"].tolist() == [0] * 4 + [3] * 4 + [6] * 4
+    local = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert table["generation"].tolist() == [r["generation"] for r in local]
+    eval_rows = [json.loads(line)["reference"] for line in (ROOT / "data/tiny/eval.jsonl").open()][:4]
+    assert table["reference"].tolist() == eval_rows * 3
+    assert "eval/exact_match" in run.data.metrics and summary["sample_prompts"] == 4
 
 
 @pytest.mark.integration
@@ -388,7 +409,7 @@ def test_a_killed_and_restarted_job_continues_the_same_run(
         job.wait()
     (killed,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert killed.info.status == "RUNNING"
-    steps_before = [m.step for m in client.get_metric_history(killed.info.run_id, "loss")]
+    steps_before = [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")]
     again = _server_config(tiny_model_dir, tmp_path / "run", mlflow_server.uri, "resume", "train.max_steps=2",
                            f"tracking.run_id={killed.info.run_id}")  # fmt: skip
     proc = run_cli("train", str(write_config(again, tmp_path / "again.yaml")))
@@ -400,7 +421,7 @@ def test_a_killed_and_restarted_job_continues_the_same_run(
     assert run.data.params["train.max_steps"] == "1000"
     assert len(client.search_runs([run.info.experiment_id])) == 1, "no second run"
     # Without a checkpoint to restore (not this test's subject) the second job starts again at step 1.
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps_before and steps == sorted([*steps_before, 1, 2])
 
 
@@ -459,7 +480,7 @@ def _first_loss_arrived(client: Any, experiment: str, with_params: bool = False)
     runs = client.search_runs([found.experiment_id]) if found else []
     if not runs or (with_params and "train.max_steps" not in runs[0].data.params):
         return False
-    return bool(client.get_metric_history(runs[0].info.run_id, "loss"))
+    return bool(client.get_metric_history(runs[0].info.run_id, "train/loss"))
 
 
 def _wait_for(condition: Callable[[], bool], job: subprocess.Popen[str], what: str) -> None:

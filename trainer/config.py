@@ -352,6 +352,12 @@ class TrainConfig(Section):
     (each is skipped: no update); the last good checkpoint is kept."""
     inject_nonfinite_steps: list[int] = []
     """Fault injection for tests and drills: make the loss infinite at these steps (1-based)."""
+    sample_prompts: int = Field(4, ge=0)
+    """At every evaluation, answer the first N prompts of ``data.eval_path`` greedily and log them
+    (samples.jsonl, an MLflow table) with their exact match (``eval/exact_match``); 0: off. Needs
+    instruction or chat data."""
+    sample_max_new_tokens: int = Field(64, gt=0)
+    """Most tokens of each sample answer."""
     loss_chunk_tokens: int | None = Field(None, ge=0)
     """Compute the cross-entropy over this many tokens at a time, so the micro-batch's float32 logits
     never exist whole (trainer/loss.py); 0: unchunked; null: 1024 for vocabularies of 32,000 and more,

@@ -159,11 +159,14 @@ def train(
     state: LoopState,
     checkpoint: Callable[[LoopState, dict[str, float]], None] | None = None,
     extra_metrics: Callable[[], dict[str, float]] = dict,
+    on_eval: Callable[[int], dict[str, float]] = lambda step: {},
 ) -> LoopState:
+    """Train to ``settings.max_steps``. ``on_eval(step)``, called on every rank after each evaluation,
+    returns more eval metrics (the sample answers' exact match); it may hold collectives."""
     world, end = dist.get_world_size(), settings.max_steps
     if eval_data and not state.eval_losses:
         state.eval_losses.append((state.step, evaluate(engine, eval_data, settings.loss_chunk_tokens)))
-        tracker.log_metrics({"eval_loss": state.eval_losses[-1][1]}, step=state.step)
+        tracker.log_metrics({"eval/loss": state.eval_losses[-1][1]} | on_eval(state.step), step=state.step)
     bar = progress(end, state.step, enabled=dist.get_rank() == 0)  # a log gets a line per 30 s, not a bar
     while state.step < end:
         start = time.perf_counter()
@@ -178,26 +181,27 @@ def train(
         state.tokens, state.train_seconds = state.tokens + batch.global_tokens, state.train_seconds + seconds
         grad_norm = None if skipped else global_grad_norm(engine)
         metrics = {
-            **({} if skipped else {"loss": loss}),
-            **({} if grad_norm is None else {"grad_norm": grad_norm}),
-            "lr": engine.get_lr()[0],
-            "tokens_per_s": batch.global_tokens / seconds,
-            "step_time_s": seconds,
-            "epoch": batch.epoch,
-            "skipped_steps": state.skipped_steps,
+            **({} if skipped else {"train/loss": loss}),
+            **({} if grad_norm is None else {"train/grad_norm": grad_norm}),
+            "train/lr": engine.get_lr()[0],
+            "train/tokens_per_s": batch.global_tokens / seconds,
+            "train/step_time_s": seconds,
+            "train/epoch": batch.epoch,
+            "train/skipped_steps": state.skipped_steps,
             **batch.metrics,
         }
         if eval_data and (
             state.step == end or (settings.eval_every and state.step % settings.eval_every == 0)
         ):
             state.eval_losses.append((state.step, evaluate(engine, eval_data, settings.loss_chunk_tokens)))
-            metrics["eval_loss"] = state.eval_losses[-1][1]
-        if state.step % settings.log_every == 0 or "eval_loss" in metrics or skipped:
+            metrics["eval/loss"] = state.eval_losses[-1][1]
+            metrics |= on_eval(state.step)
+        if state.step % settings.log_every == 0 or "eval/loss" in metrics or skipped:
             # On every rank (the tracker is null on ranks > 0): extra_metrics may gather over ranks.
             tracker.log_metrics(metrics | extra_metrics(), step=state.step)
         every = settings.checkpoint_every
         if checkpoint and every and (state.step % every == 0 or state.step == end) and not state.bad_in_a_row:
             checkpoint(state, metrics)
-        bar.step(state.step, loss, metrics["tokens_per_s"])
+        bar.step(state.step, loss, metrics["train/tokens_per_s"])
     bar.close()
     return state

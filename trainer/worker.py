@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from trainer.engine import (
     save_state,
 )
 from trainer.export import adapter_state_dict, save_adapter
+from trainer.inference.samples import TABLE, Sampler, exact_match, summarize
 from trainer.loop import LoopSettings, LoopState, train
 from trainer.loss import chunk_tokens_for
 from trainer.model import BaseDigest, count_parameters, load_tokenizer, prepare_model
@@ -137,7 +138,7 @@ def run_worker(
     tracker.log_metrics(plan.stats(), step=state.step)  # data set sizes, bad rows skipped
     if attempt > 1:  # a Ray restart of this launch (rank 0 counts; other ranks' trackers are null)
         tracker.set_tags({"restarts": str(attempt - 1)})
-        tracker.log_metrics({"restarts": attempt - 1}, step=state.step)
+        tracker.log_metrics({"system/restarts": attempt - 1}, step=state.step)
 
     def checkpoint(loop: LoopState, metrics: dict[str, float]) -> None:
         if sink is None:
@@ -162,11 +163,13 @@ def run_worker(
 
     def extra_metrics() -> dict[str, float]:
         """Every rank calls it at the same steps: it may hold a collective."""
-        fallbacks = {"preconditioner_fallbacks": float(preconditioner.fallbacks)} if preconditioner else {}
-        return fallbacks | memory_metrics(device)
+        fallbacks = float(preconditioner.fallbacks) if preconditioner else None
+        counted = {} if fallbacks is None else {"train/preconditioner_fallbacks": fallbacks}
+        return counted | memory_metrics(device)
 
+    on_eval = _sampling(cfg, tokenizer, engine, tracker)
     try:
-        state = train(engine, plan, evals, settings, tracker, state, checkpoint, extra_metrics)
+        state = train(engine, plan, evals, settings, tracker, state, checkpoint, extra_metrics, on_eval)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -174,8 +177,31 @@ def run_worker(
     if preconditioner:
         summary["preconditioner_fallbacks"] = preconditioner.fallbacks
     summary["data"] = plan.stats()
+    summary |= summarize(Path(cfg.output.dir) / f"{TABLE}.jsonl")
     _write_outputs(cfg, model, tracker, summary, base_digest)
     return summary
+
+
+def _sampling(
+    cfg: RunConfig, tokenizer: Any, engine: Any, tracker: Tracker
+) -> Callable[[int], dict[str, float]]:
+    """The loop's eval hook: answers to the run's sample prompts, logged as the ``samples`` table.
+
+    Rank 0 answers alone, unless ZeRO-3 partitions the parameters: then every rank generates the same
+    answers in step, since each forward gathers the parameters collectively.
+    """
+    stage3 = cfg.distributed.zero_stage == 3 and dist.get_world_size() > 1
+    t = cfg.train
+    sampler = Sampler.for_run(cfg.data, t.sample_prompts, t.sample_max_new_tokens, tokenizer, stage3)
+    if sampler is None or not (stage3 or dist.get_rank() == 0):
+        return lambda step: {}
+
+    def sample(step: int) -> dict[str, float]:
+        rows = sampler(engine.module, step)
+        tracker.log_table(rows, TABLE)  # a null tracker on ranks > 0
+        return {"eval/exact_match": exact_match(rows)}
+
+    return sample
 
 
 def _restore(engine: Any, directory: Path, saved: TrainerState, universal: bool) -> LoopState:

@@ -4,21 +4,16 @@ as the training loop's evaluation computes them, and, with generation, exact and
 from __future__ import annotations
 
 import math
-import re
-import string
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from trainer.config import DataSource
-from trainer.data import IGNORE_INDEX, DataError, eval_batches
+from trainer.data import IGNORE_INDEX, eval_batches
 from trainer.data.build import tokenize_path
-from trainer.data.formats import BadRowError, decode, prompt_and_reference
-from trainer.data.sources import load, resolve
 from trainer.inference.generate import GenerationSettings, generate_ids
+from trainer.inference.samples import exact, normalize, read_tasks
 from trainer.inference.trained import TrainedModel
 from trainer.loop import forward_logits, token_loss_sum
 
@@ -42,12 +37,6 @@ class EvalReport:
         return {k: float(v) for k, v in values.items() if v is not None}
 
 
-def normalize(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (SQuAD's answer normalisation)."""
-    text = "".join(c for c in text.lower() if c not in string.punctuation)
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
 @torch.no_grad()
 def token_loss(trained: TrainedModel, path: str, micro_batch_size: int) -> tuple[float, int, int]:
     """(mean token loss, loss tokens, examples) over ``path``: the training loop's evaluation on one rank."""
@@ -63,26 +52,13 @@ def token_loss(trained: TrainedModel, path: str, micro_batch_size: int) -> tuple
     return loss / max(1, tokens), tokens, len(data)
 
 
-def _tasks(trained: TrainedModel, path: str) -> Iterator[tuple[list[int], str]]:
-    """(prompt ids, reference) of every row of ``path``; a row that is not a task is an error naming it."""
-    for f in resolve(DataSource(path=path)).files:
-        for i, raw in enumerate(load(f)):
-            try:
-                row = decode(raw)
-                if row is not None:
-                    yield prompt_and_reference(row, trained.data, trained.tokenizer)
-            except BadRowError as e:
-                raise DataError(f"{f.path}: row {i + 1}: {e}") from None
-
-
 def match(trained: TrainedModel, path: str, settings: GenerationSettings) -> list[dict[str, str]]:
     """Greedy answers to every row's prompt, beside the references."""
-    tasks = list(_tasks(trained, path))
+    tasks = list(read_tasks(path, trained.data, trained.tokenizer))
     samples = []
-    for ids, reference in tqdm(tasks, desc="generate", leave=False):
-        answer = trained.tokenizer.decode(generate_ids(trained, ids, settings), skip_special_tokens=True)
-        prompt = trained.tokenizer.decode(ids, skip_special_tokens=True)
-        samples.append({"prompt": prompt, "reference": reference, "generation": str(answer)})
+    for task in tqdm(tasks, desc="generate", leave=False):
+        answer = trained.tokenizer.decode(generate_ids(trained, task.ids, settings), skip_special_tokens=True)
+        samples.append({"prompt": task.prompt, "reference": task.reference, "generation": str(answer)})
     return samples
 
 
@@ -102,9 +78,7 @@ def evaluate_file(
     if {"exact_match", "normalized_match"} & set(metrics):
         report.samples = match(trained, path, settings or GenerationSettings())
         n = max(1, len(report.samples))
-        report.exact_match = (
-            sum(s["generation"].strip() == s["reference"].strip() for s in report.samples) / n
-        )
+        report.exact_match = sum(exact(s["generation"], s["reference"]) for s in report.samples) / n
         report.normalized_match = (
             sum(normalize(s["generation"]) == normalize(s["reference"]) for s in report.samples) / n
         )

@@ -112,3 +112,31 @@ def read_prompts(path: Path, prompt_field: str) -> list[str]:
     if not prompts:
         raise InferenceError(f"{path}: holds no prompts")
     return prompts
+
+
+@torch.no_grad()
+def greedy_batch(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, synced: bool = False
+) -> list[list[int]]:
+    """Greedy answers (new ids, EOS excluded) to ``prompts``, decoded together, left-padded.
+
+    ``synced``: every rank of a ZeRO-3 engine calls this with the same prompts and keeps running forward
+    passes until all ranks are done (transformers' ``synced_gpus``): each forward gathers the
+    partitioned parameters collectively, so no rank may stop first.
+    """
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    output = model.generate(
+        input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=synced,
+    )  # fmt: skip
+    answers = []
+    for row in output[:, width:].tolist():
+        answers.append(row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
+    return answers

@@ -11,6 +11,9 @@ from typing import Any, Protocol
 
 from trainer.checkpoints import atomic_write_text
 
+TABLES = ("samples",)
+"""The tables a run logs (``samples``: trainer/inference/samples.py), each a ``<name>.jsonl`` locally."""
+
 
 class Tracker(Protocol):
     """Where a run's params, tags, metrics and artefacts go. Implementations must not block the loop.
@@ -28,6 +31,10 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        """Append ``rows`` (one dict per row, the same keys) to the run's table ``name``."""
+        ...
+
     def register_model(self, name: str, artifact_path: str) -> None: ...
     def backfill(self, rows: list[tuple[int, dict[str, float]]]) -> None: ...
     def flush(self) -> dict[str, Any]: ...
@@ -52,6 +59,9 @@ class NullTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        pass
+
     def register_model(self, name: str, artifact_path: str) -> None:
         pass
 
@@ -66,9 +76,10 @@ class NullTracker:
 
 
 class MetricsFile:
-    """Forwards to another tracker and appends every metrics row to a local jsonl file first.
+    """Forwards to another tracker and appends every metrics row to a local jsonl file first, and every
+    table's rows to ``<table>.jsonl`` beside it.
 
-    The file is the run's own record: it exists whatever happens to the tracking server.
+    The files are the run's own record: they exist whatever happens to the tracking server.
     """
 
     def __init__(self, path: Path, inner: Tracker, resumed_at: int | None = None) -> None:
@@ -83,15 +94,10 @@ class MetricsFile:
         """A run resumed from its checkpoint at ``step``: rows of later steps (the cut-short attempt's,
         which the resumed run replays) leave the file, and the rows up to ``step`` are offered to the
         inner tracker, which sends those its server lacks (a killed worker never flushed its queue)."""
-        kept: list[dict[str, Any]] = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the last line of a killed writer
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                kept.append(row)
-        atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        kept = _rows_up_to(self.path, step)
+        for name in TABLES:  # a table's rows of replayed steps go too (the replay logs them again)
+            if (self.path.parent / f"{name}.jsonl").is_file():
+                _rows_up_to(self.path.parent / f"{name}.jsonl", step)
         self.inner.backfill([(row.pop("step"), row) for row in kept])
 
     @property
@@ -116,6 +122,12 @@ class MetricsFile:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.inner.log_artifact(path, artifact_path)
 
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        assert name in TABLES, f"add {name!r} to TABLES, so that a resumed run trims it"
+        with (self.path.parent / f"{name}.jsonl").open("a") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+        self.inner.log_table(rows, name)
+
     def register_model(self, name: str, artifact_path: str) -> None:
         self.inner.register_model(name, artifact_path)
 
@@ -128,3 +140,17 @@ class MetricsFile:
     def finish(self, status: str = "FINISHED") -> None:
         self._file.close()
         self.inner.finish(status)
+
+
+def _rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep only the rows of ``path`` (jsonl, each with an int ``step``) up to ``step``; returns them."""
+    kept: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed writer
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(row)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return kept

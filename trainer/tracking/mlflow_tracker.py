@@ -187,6 +187,15 @@ class MlflowTracker:
             Task(f"artefact {artifact_path + '/' if artifact_path else ''}{path.name}", upload)
         )
 
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        """Rows appended to the run's table artefact ``<name>.json``, which the MLflow UI shows as a table
+        (MLflow's log_table reads the artefact back and appends)."""
+        columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+        if columns:
+            self._sender.submit(
+                Task(f"table {name}", lambda: self.client.log_table(self._id(), columns, f"{name}.json"))
+            )
+
     def register_model(self, name: str, artifact_path: str) -> None:
         self._sender.submit(Task(f"model version of {name}", lambda: self._register(name, artifact_path)))
 
