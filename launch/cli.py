@@ -24,15 +24,9 @@ from launch.env import (
     ray_address_host,
     resolve_paths,
 )
+from launch.errors import USAGE_EXIT, ReportedError, usage_error
 from launch.runs import DEMO_STORE
 from trainer import config as config_lib
-from trainer.config import ConfigError
-from trainer.data import DataError
-from trainer.export import MergeError
-from trainer.inference.trained import InferenceError
-
-# What a user gets wrong: one line naming it, and exit code 2.
-USAGE_ERRORS = (ConfigError, FileNotFoundError, DataError, InferenceError, MergeError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,10 +120,26 @@ def _print_summary(out: Path) -> int:
     print(f"  train loss {s['train_loss_first']:.4f} -> {s['train_loss_last']:.4f}")
     if s.get("eval_loss") is not None:
         print(f"  eval loss  {s['eval_loss_first']:.4f} -> {s['eval_loss']:.4f}")
-    print(f"  outputs    {out}/ (adapter/, config.yaml, summary.json)")
+    if s.get("exact_match") is not None:
+        n = s["sample_prompts"]
+        print(
+            f"  exact match {s['exact_match_first']:.0%} -> {s['exact_match']:.0%} (greedy, {n} eval prompts)"
+        )
+        _print_samples(s["samples_first"], s["samples_last"])
+    print(f"  outputs    {out}/ (adapter/, config.yaml, summary.json, samples.jsonl)")
     if s.get("mlflow_run_id"):
         print(f"  mlflow     run {s['mlflow_run_id']} at {s['mlflow_tracking_uri']}")
     return 0
+
+
+def _print_samples(before: list[dict[str, str]], after: list[dict[str, str]]) -> None:
+    """The same prompts' answers at the run's first and last evaluation."""
+    for first, last in zip(before, after, strict=False):
+        prompt = " ".join(first["prompt"].split())
+        print(f"\n  prompt     {prompt}")
+        print(f"  reference  {first['reference']}")
+        print(f"  before     {first['generation']!r}")
+        print(f"  after      {last['generation']!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             "generate": use_lib.cmd_generate, "eval": use_lib.cmd_eval,
         }  # fmt: skip
         return verbs[args.verb](args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ReportedError:
+        return USAGE_EXIT
+    except Exception as e:
+        found = usage_error(e)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        return USAGE_EXIT

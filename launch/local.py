@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from launch.errors import USAGE_EXIT, ReportedError
 from trainer import config as config_lib
 from trainer.config import RunConfig
 from trainer.device import check_gpu_count, resolve_use_gpu, select_accelerator
@@ -120,6 +121,8 @@ def _wait_all(procs: list[subprocess.Popen[bytes]]) -> None:
             for p in procs:
                 p.wait()
             rank, code = failed[0]
+            if code == USAGE_EXIT:  # the worker printed the user's error; the others were stopped
+                raise ReportedError(f"worker rank {rank}: a usage error")
             raise RuntimeError(f"worker rank {rank} exited with code {code}; the other workers were stopped")
         if all(c == 0 for c in codes):
             return

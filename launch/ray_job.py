@@ -183,6 +183,8 @@ def _connect(cfg: RunConfig, env: dict[str, str]) -> None:
         ray.init(address=d.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
         return
     cpus = max(os.cpu_count() or 1, int(d.num_workers * d.cpus_per_worker) + 1)
+    # "Token authentication is enabled for this Ray cluster": it is, and it should be; nothing to act on.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     with _local_cluster_home(Path(cfg.output.dir).parent / ".ray"):
         ray.init(
             num_cpus=cpus,
@@ -192,33 +194,85 @@ def _connect(cfg: RunConfig, env: dict[str, str]) -> None:
             runtime_env={"env_vars": env},
             log_to_driver=True,
         )
-    if not d.ray_dashboard:
-        _drop_worker_lines(NO_STATE_API_NOISE)
+    _route_worker_lines(Path(cfg.output.dir) / RAY_LOG)
 
 
-# Ray Train's PlacementGroupCleaner asks the State API (which the dashboard serves) every second whether
-# the run's controller lives; without a dashboard every ask fails with this warning, dozens per minute.
+RAY_LOG = "ray.log"
+"""Where the lines of Ray's own actors go, in the output directory, instead of the terminal."""
+
+# Ray Train's own actors: the controller (resource requests, retries, each failure's traceback again),
+# the placement-group cleaner (without a dashboard it fails to ask the State API every second) and the
+# preemption watcher. Nothing they print is for the user to act on; the run's outcome reaches the driver.
+RAY_INTERNAL_ACTORS = frozenset({"TrainController", "PlacementGroupCleaner", "PreemptionWatcher"})
 NO_STATE_API_NOISE = "Failed to query Ray Train Controller actor state"
+WORKER_TRACEBACK = "Error in training function:"
+"""Ray's worker logs a failing train function's traceback under this line; the driver reports the error."""
 
 
-def _drop_worker_lines(text: str) -> None:
-    """Drop worker log lines containing ``text`` on their way to this driver's output (Ray 2.60's log
+class WorkerLines:
+    """Decides, line by line, what of the workers' output reaches the terminal: the run's log, not Ray's
+    internals. What it holds back goes to ``log_file``, prefixed with the process it came from."""
+
+    def __init__(self, log_file: Path) -> None:
+        self.log_file = log_file
+        self._in_traceback: set[Any] = set()  # pids inside a traceback block
+
+    def split(self, data: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """(lines to show, lines to hold back) of one batch from Ray's log monitor."""
+        lines: list[str] = data.get("lines", [])
+        if data.get("actor_name") in RAY_INTERNAL_ACTORS:
+            return [], lines
+        shown, held = [], []
+        pid = data.get("pid")
+        for line in lines:
+            if WORKER_TRACEBACK in line:
+                self._in_traceback.add(pid)
+            if pid in self._in_traceback or NO_STATE_API_NOISE in line:
+                held.append(line)
+                if _ends_traceback(line):
+                    self._in_traceback.discard(pid)
+            else:
+                shown.append(line)
+        return shown, held
+
+    def hold(self, data: dict[str, Any], lines: list[str]) -> None:
+        source = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
+        with self.log_file.open("a") as f:
+            f.write("".join(f"{source} {line}\n" for line in lines))
+
+
+def _ends_traceback(line: str) -> bool:
+    """The exception line that ends a Python traceback: ``pkg.module.SomeError: message``."""
+    head = line.split(":", 1)[0]
+    return (
+        bool(head)
+        and not line.startswith(" ")
+        and head.replace(".", "").isidentifier()
+        and (head.endswith(("Error", "Exception", "Interrupt", "Exit")) or head.endswith("Failure"))
+    )
+
+
+def _route_worker_lines(log_file: Path) -> None:
+    """Route worker lines through ``WorkerLines`` on their way to this driver's output (Ray 2.60's log
     dispatcher, a private API: if it is not there, every line is shown as before)."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return
+    router = WorkerLines(log_file)
     for name, handler in list(dispatcher.handlers):
         if name != "ray_print_logs":
             continue
 
-        def filtered(data: dict[str, Any], show: Any = handler) -> None:
-            lines = [line for line in data.get("lines", []) if text not in line]
-            if lines:
-                show({**data, "lines": lines})
+        def routed(data: dict[str, Any], show: Any = handler) -> None:
+            shown, held = router.split(data)
+            if held:
+                router.hold(data, held)
+            if shown:
+                show({**data, "lines": shown})
 
         dispatcher.remove_handler(name)
-        dispatcher.add_handler(name, filtered)
+        dispatcher.add_handler(name, routed)
 
 
 def _rendezvous(cfg: RunConfig, use_gpu: bool) -> TorchConfig:

@@ -54,7 +54,10 @@ def test_output_reads_as_a_run_log(demo_run: Path) -> None:
 
     output = (demo_run.parent / "output.log").read_text()
     assert "done: 12 steps" in output and "train:" in output
-    assert NO_STATE_API_NOISE not in output
+    for noise in (NO_STATE_API_NOISE, "TrainController", "PreemptionWatcher", "built successfully",
+                  "TrainingReport(", "Token authentication", "checkpoint_"):  # fmt: skip
+        assert noise not in output, noise
+    assert "TrainController" in (demo_run / "ray.log").read_text(), "held back, not lost"
 
 
 def test_summary_and_loss(demo_run: Path) -> None:
@@ -84,11 +87,11 @@ def test_mlflow_run_agrees_with_summary(demo_run: Path) -> None:
     assert run.data.params["adapter.rank"] == "8" and run.data.params["optim.preconditioner"] == "riemannian"
     assert run.data.tags["world_size"] == "2" and run.data.tags["launcher"] == "ray"
     assert run.data.tags["ray_job_id"] and summary["mlflow_metric_rows_dropped"] == 0
-    losses = client.get_metric_history(run.info.run_id, "loss")
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == list(range(1, 13))
     assert losses[-1].value == pytest.approx(summary["train_loss_last"])
-    assert run.data.metrics["eval_loss"] == pytest.approx(summary["eval_loss"])
-    for name in ("tokens_per_s", "lr", "grad_norm"):
+    assert run.data.metrics["eval/loss"] == pytest.approx(summary["eval_loss"])
+    for name in ("train/tokens_per_s", "train/lr", "train/grad_norm"):
         assert name in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "adapter"} <= artifacts
@@ -143,10 +146,32 @@ def test_golden_losses(tmp_path: Path) -> None:
         "train.max_steps=8", "tracking.enabled=false", "checkpoint.every_n_steps=0", f"output.dir={out}",
     )  # fmt: skip
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    losses = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text("".join(f"{step} {loss:.6f}\n" for step, loss in losses))
     golden = [(int(s), float(v)) for s, v in (line.split() for line in GOLDEN.read_text().splitlines())]
     assert [s for s, _ in losses] == [s for s, _ in golden]
     for (step, got), (_, want) in zip(losses, golden, strict=True):
         assert got == pytest.approx(want, abs=2e-3), f"step {step}: loss {got:.6f} != golden {want:.6f}"
+
+
+def test_a_bad_row_under_ray_ends_with_its_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The worker's DataError reaches the terminal as its message alone, with exit code 2, not as three
+    tracebacks (worker, controller, driver); the worker's traceback stays in the run's ray.log."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "train.jsonl"
+    rows = (ROOT / "data" / "tiny" / "train.jsonl").read_text().splitlines()[:8]
+    bad.write_text("\n".join([*rows, json.dumps({"instruction": 5, "response": "x"})]) + "\n")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch", "train", str(DEMO_CONFIG), f"data.train_path={bad}",
+         "train.max_steps=2", "tracking.enabled=false", f"output.dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    message = f"error: {bad}: row 9: field 'instruction' must be a string, got int"
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-4000:]
+    assert "raise DataError" in (out / "ray.log").read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import math
 import os
@@ -50,18 +51,43 @@ def init_distributed(
     if "RANK" not in os.environ and init_method is None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    if dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        return
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        init_method=init_method,
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        auto_mpi_discovery=False,
-        verbose=False,
-        timeout=timeout,
-    )
+    with _op_build_reported():
+        if dist.is_initialized():
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            return
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            init_method=init_method,
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=timeout,
+        )
+
+
+SHM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's CPU communication op: JIT-compiled once into TORCH_EXTENSIONS_DIR, loaded from there after."""
+
+
+@contextlib.contextmanager
+def _op_build_reported() -> Iterator[None]:
+    """DeepSpeed prints "DeepSpeed ...shm_comm_op built successfully" every time it merely loads its
+    compiled CPU op: the line is dropped, and one is logged only when the op was really compiled."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build_dir = Path(_get_build_directory(SHM_OP, verbose=False))
+    existed = any(build_dir.glob("*.so"))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        for line in printed.getvalue().splitlines():
+            if "built successfully" not in line:
+                print(line)
+    if not existed and any(build_dir.glob("*.so")):
+        log.info("compiled DeepSpeed's CPU communication op into %s (once: later runs load it)", build_dir)
 
 
 def check_accelerator(use_gpu: bool) -> None:
