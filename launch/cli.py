@@ -121,11 +121,10 @@ def _print_summary(out: Path) -> int:
     if s.get("eval_loss") is not None:
         print(f"  eval loss  {s['eval_loss_first']:.4f} -> {s['eval_loss']:.4f}")
     if s.get("exact_match") is not None:
-        n = s["sample_prompts"]
-        print(
-            f"  exact match {s['exact_match_first']:.0%} -> {s['exact_match']:.0%} (greedy, {n} eval prompts)"
-        )
+        first, last, n = s["exact_match_first"], s["exact_match"], s["sample_prompts"]
+        print(f"  exact match {first:.0%} -> {last:.0%} (greedy, on the {n} eval prompts)")
         _print_samples(s["samples_first"], s["samples_last"])
+        print()
     print(f"  outputs    {out}/ (adapter/, config.yaml, summary.json, samples.jsonl)")
     if s.get("mlflow_run_id"):
         print(f"  mlflow     run {s['mlflow_run_id']} at {s['mlflow_tracking_uri']}")

@@ -203,8 +203,23 @@ RAY_LOG = "ray.log"
 # Ray Train's own actors: the controller (resource requests, retries, each failure's traceback again),
 # the placement-group cleaner (without a dashboard it fails to ask the State API every second) and the
 # preemption watcher. Nothing they print is for the user to act on; the run's outcome reaches the driver.
-RAY_INTERNAL_ACTORS = frozenset({"TrainController", "PlacementGroupCleaner", "PreemptionWatcher"})
+RAY_INTERNAL_ACTORS = frozenset(
+    {
+        "TrainController",
+        "PlacementGroupCleaner",
+        "PreemptionWatcher",
+        "SynchronizationActor",
+        "TrainStateActor",
+    }
+)
 NO_STATE_API_NOISE = "Failed to query Ray Train Controller actor state"
+# What Ray Train's code in our workers logs at each report: checkpoint paths and TrainingReport reprs.
+RAY_WORKER_CHATTER = (
+    NO_STATE_API_NOISE,
+    "Checkpoint successfully created at",
+    "Reporting training result",
+    "Reported metrics:",
+)
 WORKER_TRACEBACK = "Error in training function:"
 """Ray's worker logs a failing train function's traceback under this line; the driver reports the error."""
 
@@ -227,7 +242,7 @@ class WorkerLines:
         for line in lines:
             if WORKER_TRACEBACK in line:
                 self._in_traceback.add(pid)
-            if pid in self._in_traceback or NO_STATE_API_NOISE in line:
+            if pid in self._in_traceback or any(text in line for text in RAY_WORKER_CHATTER):
                 held.append(line)
                 if _ends_traceback(line):
                     self._in_traceback.discard(pid)

@@ -9,6 +9,8 @@ command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && com
   || want+=(slurm-wlm)
 command -v munged >/dev/null 2>&1 || want+=(munge)
 command -v shellcheck >/dev/null 2>&1 || want+=(shellcheck)  # lints slurm/ (tests/test_slurm_scripts.py)
+# headless, for the MLflow UI test and scripts/mlflow_screenshot.py (docs/mlflow-*.png)
+command -v chromium >/dev/null 2>&1 || want+=(chromium)
 [ ${#want[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "system-deps: cannot install ${want[*]} (needs root and apt); the tests that use them will skip" >&2

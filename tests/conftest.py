@@ -36,6 +36,14 @@ from trainer import config as config_lib  # noqa: E402
 from trainer.config import RunConfig, TinyModelSpec  # noqa: E402
 
 DEMO_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+# The demo trains on a synthetic task of short rows; tests that time a kill or a restart against its
+# steps train it on the longer text-and-instruction examples instead, as before the demo changed.
+TEXT_DATA = (
+    f"data.train_path={ROOT / 'data/tiny/train.jsonl'}",
+    f"data.eval_path={ROOT / 'data/tiny/eval.jsonl'}",
+    "data.max_seq_len=192",  # the demo's before; a later override (e.g. 96) wins
+    "train.sample_prompts=0",
+)
 
 
 # Modules that start clusters (Ray, Slurm) and run the demo: under pytest-xdist they share one worker.

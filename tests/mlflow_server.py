@@ -20,17 +20,22 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artefacts) in its own process group."""
+    """``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artefacts) in its own process group.
 
-    def __init__(self, root: Path) -> None:
+    ``store``: an existing sqlite store to serve (e.g. the demo's runs/mlflow.db); else a new one in
+    ``root``, which holds the server's log either way.
+    """
+
+    def __init__(self, root: Path, store: Path | None = None) -> None:
         self.root, self.port = root, free_port()
+        self.store = store or root / "mlflow.db"
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         cmd = [
             sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--backend-store-uri", f"sqlite:///{self.store}",
             "--artifacts-destination", str(self.root / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, ROOT, has_usable_checkpoint, outbound_connects, wait_for
+from tests.conftest import DEMO_CONFIG, ROOT, TEXT_DATA, has_usable_checkpoint, outbound_connects, wait_for
 from tests.mlflow_server import free_port
 from tests.processes import STRACE, Daemon, find_secret, traced
 
@@ -109,7 +109,7 @@ def killed_run(cluster: RayCluster, tiny_model_dir: Path) -> tuple[Path, str]:
         wait_for(held.is_file, 180, "a CPU of the head to be held", hold.proc)
         run = Daemon(
             [*traced(cluster.root / "driver.strace"), sys.executable, "-m", "launch", "train",
-             str(DEMO_CONFIG), f"model.path={tiny_model_dir}", "model.build=null",
+             str(DEMO_CONFIG), *TEXT_DATA, f"model.path={tiny_model_dir}", "model.build=null",
              "distributed.num_workers=2", "distributed.placement_strategy=SPREAD",
              "distributed.max_failures=1",
              f"train.max_steps={MAX_STEPS}", "checkpoint.every_n_steps=2", "train.eval_every_n_steps=0",

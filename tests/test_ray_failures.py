@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import (
     DEMO_CONFIG,
+    TEXT_DATA,
     has_usable_checkpoint,
     load_adapter_tensors,
     run_cli,
@@ -26,6 +27,7 @@ from trainer.export import read_adapter
 pytestmark = pytest.mark.slow
 
 RUN = (
+    *TEXT_DATA,
     "train.max_steps=24",
     "checkpoint.every_n_steps=4",
     "train.eval_every_n_steps=0",

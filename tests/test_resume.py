@@ -221,6 +221,10 @@ def test_zero3_matches_zero2_on_a_4bit_base(make_config: Callable[..., RunConfig
         losses[stage] = [r["train/loss"] for r in rows if "train/loss" in r]
         summaries[stage] = _summary(tmp_path / name)
     assert len(losses[2]) == 5 and losses[2][-1] < losses[2][0]
+    # the sample answers at steps 0 and 5: under ZeRO-3 both ranks generate in step (no hang, no skew)
+    for stage in (2, 3):
+        samples = (tmp_path / f"zero{stage}" / "samples.jsonl").read_text().splitlines()
+        assert [json.loads(r)["step"] for r in samples] == [0] * 4 + [5] * 4, stage
     for step, (two, three) in enumerate(zip(losses[2], losses[3], strict=True), start=1):
         assert three == pytest.approx(two, abs=5e-3), f"step {step}: ZeRO-3 {three:.5f} vs ZeRO-2 {two:.5f}"
     two, three = load_adapter_tensors(tmp_path / "zero2"), load_adapter_tensors(tmp_path / "zero3")

@@ -58,7 +58,8 @@ def test_tasks_are_the_first_rows_and_a_bad_row_names_its_line(tmp_path: Path, t
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = list(read_tasks(str(path), _instruction(path), tok, limit=3))
     assert [t.reference for t in tasks] == ["0", "1", "2"]
-    assert "say 0" in tasks[0].prompt and tasks[0].ids[0] == tok.bos_token_id
+    assert tasks[0].prompt == "say 0" and tasks[0].ids[0] == tok.bos_token_id
+    assert "say 0" in tok.decode(tasks[0].ids)  # inside the run's template
     path.write_text(path.read_text() + json.dumps({"instruction": 3, "response": "x"}) + "\n")
     with pytest.raises(DataError, match=r"eval.jsonl: row 6: field 'instruction' must be a string"):
         list(read_tasks(str(path), _instruction(path), tok))

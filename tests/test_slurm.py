@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_CONFIG, ROOT, has_usable_checkpoint, outbound_connects, wait_for
+from tests.conftest import DEMO_CONFIG, ROOT, TEXT_DATA, has_usable_checkpoint, outbound_connects, wait_for
 from tests.mlflow_server import free_port
 from tests.processes import STRACE, find_secret
 from tests.slurm_cluster import SlurmCluster, missing
@@ -69,7 +69,7 @@ def preempted_job(slurm: SlurmCluster, tiny_model_dir: Path) -> Iterator[dict]:
     out, log = root / "run", root / "job.log"
     submitted = slurm.run(
         "sbatch", "--parsable", "--nodes=1", f"--cpus-per-task={os.cpu_count()}", f"--output={log}",
-        "slurm/ray-cpu.sbatch", str(DEMO_CONFIG.relative_to(ROOT)),
+        "slurm/ray-cpu.sbatch", str(DEMO_CONFIG.relative_to(ROOT)), *TEXT_DATA,
         f"model.path={tiny_model_dir}", "model.build=null", f"train.max_steps={MAX_STEPS}",
         "checkpoint.every_n_steps=2", "train.eval_every_n_steps=0", "train.eval_max_batches=1",
         "data.max_seq_len=96", f"output.dir={out}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",

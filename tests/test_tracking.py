@@ -336,7 +336,9 @@ def test_two_workers_log_one_run_with_params_tags_metrics_and_artefacts(
 
 @pytest.mark.integration
 def test_sample_answers_reach_mlflow_as_a_table(
-    mlflow_server: MlflowServer, two_worker_run: tuple[Path, subprocess.CompletedProcess[str]]
+    mlflow_server: MlflowServer,
+    two_worker_run: tuple[Path, subprocess.CompletedProcess[str]],
+    tmp_path: Path,
 ) -> None:
     """At each evaluation (steps 0, 3, 6) the first 4 eval prompts are answered: 12 rows, read back from
     the server as the table the UI shows, equal to the run's samples.jsonl."""
@@ -344,13 +346,18 @@ def test_sample_answers_reach_mlflow_as_a_table(
     summary = json.loads((out / "summary.json").read_text())
     client = _client(mlflow_server.uri)
     run = client.get_run(summary["mlflow_run_id"])
-    table = client.load_table(run.info.experiment_id, "samples.json", run_ids=[run.info.run_id])
-    assert list(table.columns[:5]) == ["step", "prompt", "reference", "generation", "exact"]
-    assert table["step"].tolist() == [0] * 4 + [3] * 4 + [6] * 4
+    # What the UI reads: the run's tag naming a table artefact, and the artefact (MLflow's table JSON).
+    # Not client.load_table: it searches runs through the global tracking URI, not the client's.
+    assert {"path": "samples.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    artefact = client.download_artifacts(run.info.run_id, "samples.json", str(tmp_path))
+    table = json.loads(Path(artefact).read_text())
+    assert table["columns"] == ["step", "prompt", "reference", "generation", "exact"]
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [r["step"] for r in rows] == [0] * 4 + [3] * 4 + [6] * 4
     local = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert table["generation"].tolist() == [r["generation"] for r in local]
-    eval_rows = [json.loads(line)["reference"] for line in (ROOT / "data/tiny/eval.jsonl").open()][:4]
-    assert table["reference"].tolist() == eval_rows * 3
+    assert rows == local
+    eval_rows = [json.loads(line)["response"] for line in (ROOT / "data/tiny/eval.jsonl").open()][:4]
+    assert [r["reference"] for r in rows] == eval_rows * 3
     assert "eval/exact_match" in run.data.metrics and summary["sample_prompts"] == 4
 
 

@@ -34,8 +34,9 @@ TABLE = "samples"
 @dataclass(frozen=True)
 class Task:
     prompt: str
-    """The prompt as the model reads it (the run's template applied), decoded."""
+    """What the row asks: its instruction (and input), or its conversation's last user turn."""
     ids: list[int]
+    """The prompt as the model reads it: the run's template applied, tokenised."""
     reference: str
 
 
@@ -56,8 +57,17 @@ def read_tasks(
                 ids, reference = prompt_and_reference(row, cfg, tokenizer)
             except BadRowError as e:
                 raise DataError(f"{f.path}: row {i + 1}: {e}") from None
-            yield Task(str(tokenizer.decode(ids, skip_special_tokens=True)), ids, reference)
+            yield Task(_asked(row, cfg), ids, reference)
             n += 1
+
+
+def _asked(row: dict[str, Any], cfg: DataConfig) -> str:
+    """A task row's question as a person wrote it (prompt_and_reference has checked its fields)."""
+    if cfg.format == "chat":
+        turns = [m["content"] for m in row[cfg.messages_field] if m["role"] == "user"]
+        return str(turns[-1]) if turns else ""
+    extra = row.get(cfg.input_field)
+    return str(row[cfg.prompt_field]) + (f"\n{extra}" if isinstance(extra, str) and extra else "")
 
 
 def normalize(text: str) -> str:
