@@ -159,11 +159,16 @@ def train(
     state: LoopState,
     checkpoint: Callable[[LoopState, dict[str, float]], None] | None = None,
     extra_metrics: Callable[[], dict[str, float]] = dict,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> LoopState:
+    """Train to ``settings.max_steps``. ``on_eval(step, eval_loss)``, if given, is called on every rank
+    after each evaluation (a launcher's hook, e.g. to report to a sweep's scheduler)."""
     world, end = dist.get_world_size(), settings.max_steps
     if eval_data and not state.eval_losses:
         state.eval_losses.append((state.step, evaluate(engine, eval_data, settings.loss_chunk_tokens)))
         tracker.log_metrics({"eval_loss": state.eval_losses[-1][1]}, step=state.step)
+        if on_eval:
+            on_eval(*state.eval_losses[-1])
     bar = progress(end, state.step, enabled=dist.get_rank() == 0)  # a log gets a line per 30 s, not a bar
     while state.step < end:
         start = time.perf_counter()
@@ -192,6 +197,8 @@ def train(
         ):
             state.eval_losses.append((state.step, evaluate(engine, eval_data, settings.loss_chunk_tokens)))
             metrics["eval_loss"] = state.eval_losses[-1][1]
+            if on_eval:
+                on_eval(*state.eval_losses[-1])
         if state.step % settings.log_every == 0 or "eval_loss" in metrics or skipped:
             # On every rank (the tracker is null on ranks > 0): extra_metrics may gather over ranks.
             tracker.log_metrics(metrics | extra_metrics(), step=state.step)

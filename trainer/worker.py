@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +89,15 @@ def run_worker(
     job_id: str | None = None,
     resume_from: Path | None = None,
     device: torch.device | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` in this worker; rank 0 writes the outputs. Returns the run summary.
 
     ``resume_from`` (a checkpoint directory) wins over ``cfg.resume``; Ray passes it when it restarts
     the workers after a failure. ``job_id`` names one launch, so that restarts within it keep one
     MLflow run even before the first checkpoint exists. ``device``: the launcher's device for this
-    worker (Ray's); else GPU number LOCAL_RANK, or the CPU.
+    worker (Ray's); else GPU number LOCAL_RANK, or the CPU. ``on_eval(step, eval_loss)``: called on every
+    rank after each evaluation (a sweep's scheduler reads it).
     """
     wall_start = time.perf_counter()
     use_gpu = resolve_use_gpu(cfg.distributed.use_gpu)
@@ -166,7 +168,7 @@ def run_worker(
         return fallbacks | memory_metrics(device)
 
     try:
-        state = train(engine, plan, evals, settings, tracker, state, checkpoint, extra_metrics)
+        state = train(engine, plan, evals, settings, tracker, state, checkpoint, extra_metrics, on_eval)
     except BaseException:
         tracker.finish("FAILED")
         raise
