@@ -129,15 +129,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     save_state(plan)
     todo = [t for t in plan.trials if not plan.finished(t)]
     done = len(plan.trials) - len(todo)
-    print(f"sweep {plan.directory}: {len(plan.trials)} trials, {done} already finished, {len(todo)} to run")
+    print(f"sweep {plan.directory}: {len(plan.trials)} trials, {done} already done, {len(todo)} to run")
     ran: dict[int, tuple[str | None, dict[str, Any]]] = {}
     if todo:
         from launch.ray_sweep import run_trials
 
         ran = run_trials(plan, todo, env, launch_id(str(plan.directory)), args.max_concurrent, args.scheduler)
-    for trial in todo:  # ended without error and without outputs: the scheduler stopped it
-        error, _ = ran.get(trial.index, ("not run", {}))
-        if error is None and not plan.finished(trial):
+    # Done for Tune, without error and without outputs: the scheduler stopped it. An interrupted trial is
+    # not done, and a resume reruns it.
+    for trial in todo:
+        error, reported = ran.get(trial.index, ("not run", {}))
+        if error is None and reported.get("done") and not plan.finished(trial):
             plan.stopped.append(trial.index)
     save_state(plan)
     outcomes = [outcome_of(t, plan, *ran.get(t.index, (None, {}))) for t in plan.trials]

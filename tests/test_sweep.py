@@ -160,6 +160,36 @@ def test_a_sweep_directory_is_never_overwritten_and_resume_needs_the_same_grid(
         load_state(other, resume=True)
 
 
+@pytest.mark.unit
+def test_a_child_run_is_nested_under_the_sweeps_parent(tmp_path: Path) -> None:
+    """tracking.parent_run_id makes the trial's own run a child (mlflow.parentRunId); the parent gets the
+    sweep's params, results and artefacts, and is found again (not duplicated) on resume."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.config import TrackingConfig
+    from trainer.tracking import MlflowTracker
+    from trainer.tracking.sweep_run import child_runs, finish_parent_run, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrackingConfig(uri=uri, experiment="sweeps", run_name="s", system_metrics=False, drain_timeout_s=30)
+    parent = start_parent_run(cfg, "s", {"sweep.grid.optim.lr": "1e-3,1e-2"})
+    assert start_parent_run(cfg, "s", {}, run_id=parent) == parent
+    child = MlflowTracker(cfg.model_copy(update={"run_name": "s/trial-000", "parent_run_id": parent}))
+    child.log_metrics({"loss": 1.0}, 1)
+    child.flush()
+    child.finish()
+    table = tmp_path / "trials.csv"
+    table.write_text("best,trial\n*,trial-000\n")
+    finish_parent_run(uri, parent, {"best_eval_loss": 1.5}, [table])
+    client = MlflowClient(uri)
+    assert [r.info.run_id for r in child_runs(uri, parent)] == [child.run_id]
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"best_eval_loss": 1.5}
+    assert run.data.params["sweep.grid.optim.lr"] == "1e-3,1e-2"
+    assert [a.path for a in client.list_artifacts(parent)] == ["trials.csv"]
+    assert len(client.search_runs([run.info.experiment_id])) == 2
+
+
 # ---- real sweeps ----
 
 
@@ -275,7 +305,7 @@ def test_killed_sweep_resumes_without_rerunning_a_finished_trial(tmp_path: Path)
     parent = json.loads((out / "sweep.json").read_text())["parent_run_id"]
 
     resumed = run_cli(*args, "--resume", timeout=1200)
-    assert "3 trials, 1 already finished, 2 to run" in resumed.stdout
+    assert "3 trials, 1 already done, 2 to run" in resumed.stdout
     assert (out / "trial-000" / "summary.json").read_bytes() == first, "a finished trial was rerun"
     assert json.loads((out / "trial-000" / ".jobs").iterdir().__next__().read_text())["attempts"] == 1
     assert (
@@ -334,3 +364,32 @@ def test_impossible_placement_fails_fast_with_the_numbers(tmp_path: Path) -> Non
     assert "the Ray cluster has 1" in proc.stderr
     assert not list((tmp_path / "sweep").glob("trial-*/summary.json"))
     assert seconds < 120, f"took {seconds:.0f} s to fail"
+
+
+@pytest.mark.slow
+def test_asha_stops_a_hopeless_trial_early(tmp_path: Path) -> None:
+    """Two trials one after the other, the good learning rate first: at the first rung (step 2) the second
+    trial's eval loss is worse than the first's, and ASHA (reduction factor 2) stops it there. It leaves
+    no outputs, shows as stopped early, and a resume would not rerun it."""
+    out = tmp_path / "sweep"
+    run = [
+        "train.max_steps=6", "train.eval_every_n_steps=2", "optim.warmup_steps=0", "tracking.enabled=false",
+        f"output.dir={out}",
+    ]  # fmt: skip
+    grid = ["--grid", "optim.lr=3e-2,1e-5"]
+    proc = run_cli(
+        "sweep", str(DEMO_CONFIG), *grid, "--scheduler", "asha", "--max-concurrent", "1", *TINY, *run,
+        timeout=1200,
+    )  # fmt: skip
+    assert (out / "trial-000" / "summary.json").is_file()
+    assert not (out / "trial-001" / "summary.json").exists()
+    assert json.loads((out / "sweep.json").read_text())["stopped"] == [1]
+    rows = (out / TABLE_CSV).read_text().splitlines()
+    assert rows[1].startswith("*,trial-000,3e-2,finished") and rows[2].startswith(
+        ",trial-001,1e-5,stopped early"
+    )
+    assert (
+        "2 trials, 2 already done, 0 to run"
+        in run_cli("sweep", str(DEMO_CONFIG), "--grid", "optim.lr=3e-2,1e-5", "--resume", *TINY, *run).stdout
+    )
+    assert proc.returncode == 0
