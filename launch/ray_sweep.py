@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,25 +112,31 @@ def _payload(plan: SweepPlan, trial: Trial, launch: str) -> dict[str, Any]:
 
 def run_trials(
     plan: SweepPlan,
-    todo: list[Trial],
+    todo: list[int],
     env: dict[str, str],
     launch: str,
     max_concurrent: int | None,
     scheduler: str,
+    on_placed: Callable[[], None],
 ) -> dict[int, tuple[str | None, dict[str, Any]]]:
-    """Run ``todo`` as Tune trials; returns, per trial index, its error (None if none) and its last
-    reported metrics. Raises PlacementError, before any trial starts, when a trial cannot be placed."""
-    base = todo[0].cfg
+    """Run the trials numbered ``todo`` as Tune trials; returns, per trial, its error (None if none) and
+    its last reported metrics. Raises PlacementError, before any trial starts, when a trial cannot be
+    placed; ``on_placed`` is called once they can (the driver then starts the MLflow parent run)."""
+    base = plan.trials[todo[0]].cfg
     warn_open_dashboard(base)
     connect(base, env, concurrent_runs=min(max_concurrent or 1, len(todo)))
     try:
-        resolved = [Trial(t.index, t.point, cluster_use_gpu(t.cfg)) for t in todo]
         resources = ray.cluster_resources()
         cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
         # the least that fits over every trial: a swept distributed.* key may change what a trial needs
         concurrent = min(
-            concurrency(TrialNeeds.of(t.cfg), cpus, gpus, max_concurrent, len(todo)) for t in resolved
+            concurrency(
+                TrialNeeds.of(cluster_use_gpu(plan.trials[i].cfg)), cpus, gpus, max_concurrent, len(todo)
+            )
+            for i in todo
         )
+        on_placed()
+        resolved = [Trial(t.index, t.point, cluster_use_gpu(t.cfg)) for t in (plan.trials[i] for i in todo)]
         log.info(
             "sweep: %d trials to run, %d at a time, on %g CPUs and %g GPUs", len(todo), concurrent, cpus, gpus
         )

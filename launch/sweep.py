@@ -111,33 +111,44 @@ def _prepare(base: RunConfig, plan: SweepPlan) -> None:
     plan.directory.mkdir(parents=True, exist_ok=True)
 
 
+def _start_parent(args: argparse.Namespace, base: RunConfig, plan: SweepPlan) -> None:
+    """The sweep's MLflow parent run: created, or (a resumed sweep) marked running again."""
+    if not base.tracking.enabled:
+        return
+    from trainer.tracking.sweep_run import start_parent_run
+
+    name = base.tracking.run_name or plan.directory.name
+    params = _parent_params(args, base, plan)
+    plan.parent_run_id = start_parent_run(base.tracking, name, params, plan.parent_run_id)
+    log.info("sweep: MLflow parent run %s at %s", plan.parent_run_id, base.tracking.uri)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     env = apply_defaults()
     base, plan = _plan(args)
     load_state(plan, args.resume)
     _prepare(base, plan)
     keep_ray_on_loopback(base, env)
-    if base.tracking.enabled:
-        from trainer.tracking.sweep_run import start_parent_run
-
-        name = base.tracking.run_name or plan.directory.name
-        plan.parent_run_id = start_parent_run(
-            base.tracking, name, _parent_params(args, base, plan), plan.parent_run_id
-        )
-        log.info("sweep: MLflow parent run %s at %s", plan.parent_run_id, base.tracking.uri)
-    with_tracking(plan, base.tracking)
-    save_state(plan)
-    todo = [t for t in plan.trials if not plan.finished(t)]
+    todo = [t.index for t in plan.trials if not plan.finished(t)]
     done = len(plan.trials) - len(todo)
     print(f"sweep {plan.directory}: {len(plan.trials)} trials, {done} already done, {len(todo)} to run")
+
+    def start() -> None:  # once the trials are known to fit: nothing is recorded for a sweep that cannot run
+        _start_parent(args, base, plan)
+        with_tracking(plan, base.tracking)
+        save_state(plan)
+
     ran: dict[int, tuple[str | None, dict[str, Any]]] = {}
     if todo:
         from launch.ray_sweep import run_trials
 
-        ran = run_trials(plan, todo, env, launch_id(str(plan.directory)), args.max_concurrent, args.scheduler)
+        launch = launch_id(str(plan.directory))
+        ran = run_trials(plan, todo, env, launch, args.max_concurrent, args.scheduler, on_placed=start)
+    else:
+        start()
     # Done for Tune, without error and without outputs: the scheduler stopped it. An interrupted trial is
     # not done, and a resume reruns it.
-    for trial in todo:
+    for trial in (plan.trials[i] for i in todo):
         error, reported = ran.get(trial.index, ("not run", {}))
         if error is None and reported.get("done") and not plan.finished(trial):
             plan.stopped.append(trial.index)
