@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,10 @@ def _usefulness_task(steps: int, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _swept(lr: float) -> bool:
+    return any(math.isclose(lr, float(x)) for x in LRS)
+
+
 def _usefulness_figures() -> dict[str, dict[str, float]]:
     """preconditioner_usefulness's best / worst final eval loss over the same learning rates."""
     path = RESULTS / "preconditioner_usefulness.json"
@@ -79,7 +84,7 @@ def _usefulness_figures() -> dict[str, dict[str, float]]:
     runs = json.loads(path.read_text())["runs"]
     figures = {}
     for ours, variant in USEFULNESS.items():
-        finals = [r["final_eval_loss"] for r in runs if r["variant"] == variant and f"{r['lr']:g}" in LRS]
+        finals = [r["final_eval_loss"] for r in runs if r["variant"] == variant and _swept(r["lr"])]
         if finals:
             figures[ours] = {
                 "best": min(finals),
@@ -112,6 +117,23 @@ def _sweep_figures(trials_csv: Path) -> dict[str, dict[str, Any]]:
     return figures
 
 
+def _report(task: str, steps: int, out: Path, cmd: list[str], wall: float | None) -> None:
+    ours, theirs = _sweep_figures(out / "sweep" / "trials.csv"), _usefulness_figures()
+    rows = [
+        {"preconditioner": pre, "source": source, **{k: v for k, v in fig.items() if k != "finals"}}
+        for pre in ("riemannian", "none")
+        for source, fig in (("launch sweep", ours.get(pre)), ("preconditioner_usefulness", theirs.get(pre)))
+        if fig
+    ]
+    print_table(rows, ["preconditioner", "source", "best", "best_lr", "worst", "worst/best"])
+    print(f"\nprotocol difference ({task}): {DIFFERENCES[task]}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "sweep" / "robustness.png", RESULTS / f"sweep_robustness_{task}.png")
+    payload = {"task": task, "steps": steps, "lrs": LRS, "command": cmd, "sweep": ours}
+    payload |= {"preconditioner_usefulness": theirs, "difference": DIFFERENCES[task], "wall_s": wall}
+    print(f"wrote {write_results(f'sweep_robustness_{task}', payload)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,11 +144,15 @@ def main() -> None:
     )
     parser.add_argument("--max-concurrent", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-sweep-robustness")
+    parser.add_argument("--report-only", action="store_true", help="report the sweep already in --out")
     args = parser.parse_args()
     out = args.out / args.task
+    steps = args.steps or (300 if args.task == "usefulness" else 100)
+    if args.report_only:
+        _report(args.task, steps, out, [], None)
+        return
     if out.exists():
         shutil.rmtree(out)
-    steps = args.steps or (300 if args.task == "usefulness" else 100)
     task = _usefulness_task(steps, out) if args.task == "usefulness" else [f"train.max_steps={steps}"]
     cmd = [
         sys.executable, "-m", "launch", "sweep", str(ROOT / "configs" / "tiny-cpu.yaml"),
@@ -137,21 +163,7 @@ def main() -> None:
     ]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
-    wall = time.perf_counter() - start
-    ours, theirs = _sweep_figures(out / "sweep" / "trials.csv"), _usefulness_figures()
-    rows = [
-        {"preconditioner": pre, "source": source, **{k: v for k, v in fig.items() if k != "finals"}}
-        for pre in ("riemannian", "none")
-        for source, fig in (("launch sweep", ours.get(pre)), ("preconditioner_usefulness", theirs.get(pre)))
-        if fig
-    ]
-    print_table(rows, ["preconditioner", "source", "best", "best_lr", "worst", "worst/best"])
-    print(f"\nprotocol difference ({args.task}): {DIFFERENCES[args.task]}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / "sweep" / "robustness.png", RESULTS / f"sweep_robustness_{args.task}.png")
-    payload = {"task": args.task, "steps": steps, "lrs": LRS, "command": cmd[1:], "sweep": ours}
-    payload |= {"preconditioner_usefulness": theirs, "difference": DIFFERENCES[args.task], "wall_s": wall}
-    print(f"wrote {write_results(f'sweep_robustness_{args.task}', payload)}")
+    _report(args.task, steps, out, cmd[1:], time.perf_counter() - start)
 
 
 if __name__ == "__main__":
