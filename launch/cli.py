@@ -1,6 +1,7 @@
 """The command line: ``python -m launch VERB``.
 
-``train CONFIG [section.key=value ...]`` fine-tunes; ``submit`` sends the same as a Ray Job;
+``train CONFIG [section.key=value ...]`` fine-tunes; ``submit`` sends the same as a Ray Job; ``sweep``
+runs many fine-tunes over a grid as Ray Tune trials under one MLflow parent run;
 ``runs`` lists and compares recent MLflow runs; ``merge RUN_DIR_OR_ADAPTER --out DIR`` folds an
 adapter into its base; ``generate`` and ``eval`` use a fine-tuned run (launch/use.py).
 """
@@ -15,15 +16,9 @@ import sys
 from pathlib import Path
 
 from launch import submit as submit_lib
+from launch import sweep as sweep_lib
 from launch import use as use_lib
-from launch.env import (
-    apply_defaults,
-    clear_stale_build_locks,
-    is_loopback,
-    launch_id,
-    ray_address_host,
-    resolve_paths,
-)
+from launch.env import apply_defaults, clear_stale_build_locks, keep_ray_on_loopback, launch_id, resolve_paths
 from launch.errors import USAGE_EXIT, ReportedError, usage_error
 from launch.runs import DEMO_STORE
 from trainer import config as config_lib
@@ -38,10 +33,14 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. adapter.rank=16 train.max_steps=10"
     )
     submit_lib.add_parser(verbs)
+    sweep_lib.add_parser(verbs)
     runs = verbs.add_parser("runs", help="list and compare recent MLflow runs")
     runs.add_argument("--experiment", help="only this experiment (default: all)")
     runs.add_argument("--uri", help=f"tracking URI (default: $MLFLOW_TRACKING_URI, else {DEMO_STORE})")
     runs.add_argument("--limit", type=int, default=20, help="how many runs, newest first")
+    runs.add_argument(
+        "--sweep", metavar="PARENT_RUN_ID", help="list the trials of this sweep (its parent run)"
+    )
     merge = verbs.add_parser("merge", help="fold a trained adapter into its base: a full transformers model")
     merge.add_argument("source", type=Path, help="a run directory (its adapter/) or an adapter directory")
     merge.add_argument("--out", type=Path, required=True, help="where to write the merged model directory")
@@ -62,6 +61,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     apply_defaults()  # MLflow's telemetry off here too
 
+    if args.sweep:
+        from launch.runs import print_sweep
+
+        return print_sweep(args.uri, args.sweep)
     return print_runs(args.uri, args.experiment, args.limit)
 
 
@@ -94,12 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ensure_tiny_model(cfg.model.path, cfg.model.build)
     Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
     if cfg.distributed.backend == "ray":
-        address = cfg.distributed.ray_address
-        if not address or is_loopback(ray_address_host(address) or ""):
-            # A local cluster (or one joined on loopback) lives on loopback: Ray must not look up (or
-            # advertise, or swap 127.0.0.1 for) the host's address. Read when ray is first imported.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
+        keep_ray_on_loopback(cfg, env)
         from launch.ray_job import run_ray
 
         run_ray(cfg, env, job_id=launch_id(cfg.output.dir))
@@ -142,11 +140,17 @@ def _print_samples(before: list[dict[str, str]], after: list[dict[str, str]]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.verb == "sweep" and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value after the sweep's options: overrides too
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         verbs = {
             "train": cmd_train, "runs": cmd_runs, "merge": cmd_merge, "submit": submit_lib.cmd_submit,
+            "sweep": sweep_lib.cmd_sweep,
             "generate": use_lib.cmd_generate, "eval": use_lib.cmd_eval,
         }  # fmt: skip
         return verbs[args.verb](args)

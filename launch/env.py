@@ -130,3 +130,13 @@ def launch_id(output_dir: str) -> str:
         return uuid.uuid4().hex
     key = f"slurm:{os.environ.get('SLURM_CLUSTER_NAME', '')}:{job}:{output_dir}"
     return uuid.uuid5(uuid.NAMESPACE_URL, key).hex
+
+
+def keep_ray_on_loopback(cfg: RunConfig, env: dict[str, str]) -> None:
+    """A local cluster (or one joined on loopback) lives on loopback: Ray must not look up (or advertise,
+    or swap 127.0.0.1 for) the host's address. Read when ray is first imported; ``env`` (the workers')
+    gets it too."""
+    address = cfg.distributed.ray_address
+    if not address or is_loopback(ray_address_host(address) or ""):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]

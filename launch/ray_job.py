@@ -43,6 +43,7 @@ class RaySink:
     def __init__(self, hashes: bool) -> None:
         self.local = Path(tempfile.mkdtemp(prefix="riemann-tune-ckpt-"))
         self.hashes = hashes
+        self.last_eval: dict[str, float] = {}  # what report_eval last sent: every later report repeats it
 
     def __enter__(self) -> RaySink:
         return self
@@ -59,8 +60,18 @@ class RaySink:
             state.manifests = [f"manifest-rank{r}.json" for r in range(ctx.get_world_size())]
             state.write(staged)
         write_manifest(staged, f"manifest-rank{ctx.get_world_rank()}.json", self.hashes)
-        ray.train.report({**metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(str(staged)))
+        report = {**metrics, **self.last_eval, "step": state.step}
+        ray.train.report(report, checkpoint=Checkpoint.from_directory(str(staged)))
         shutil.rmtree(staged, ignore_errors=True)
+
+    def report_eval(self, step: int, eval_loss: float) -> None:
+        """Report an evaluation to Ray (a sweep's scheduler stops hopeless trials on it). Every rank
+        calls it at the same steps, as Ray Train wants of every report."""
+        self.last_eval = {TRIAL_METRIC: eval_loss}
+        ray.train.report({**self.last_eval, "step": step})
+
+
+TRIAL_METRIC = "trial_eval_loss"  # the eval loss as a sweep's trials report it to Ray Tune
 
 
 def _join_file_store(url: str, backend: str, rank: int, world_size: int, timeout_s: int) -> None:
@@ -139,9 +150,11 @@ def _train_fn(loop_config: dict[str, Any]) -> None:
     # asynchronously, and a failure right after a report can lose the registration, not the files.
     restart_from = latest_usable(cfg.checkpoint_root / loop_config["run_name"])
     with RaySink(cfg.checkpoint.verify_hashes) as sink:
+        on_eval = sink.report_eval if loop_config.get("report_evals") else None
         run_worker(
-            cfg, sink, launcher="ray", job_id=loop_config["job_id"], resume_from=restart_from, device=device
-        )
+            cfg, sink, launcher="ray", job_id=loop_config["job_id"], resume_from=restart_from, device=device,
+            on_eval=on_eval,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -176,13 +189,14 @@ def _nodes_on_this_machine() -> bool:
     )
 
 
-def _connect(cfg: RunConfig, env: dict[str, str]) -> None:
-    """ray.init on the configured cluster, or on a new local one bound to loopback."""
+def connect(cfg: RunConfig, env: dict[str, str], concurrent_runs: int = 1) -> None:
+    """ray.init on the configured cluster, or on a new local one bound to loopback, with CPUs enough for
+    ``concurrent_runs`` runs of ``cfg`` (a sweep's trials) however few cores the machine has."""
     d = cfg.distributed
     if d.ray_address:
         ray.init(address=d.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
         return
-    cpus = max(os.cpu_count() or 1, int(d.num_workers * d.cpus_per_worker) + 1)
+    cpus = max(os.cpu_count() or 1, math.ceil(concurrent_runs * d.num_workers * d.cpus_per_worker) + 1)
     # "Token authentication is enabled for this Ray cluster": it is, and it should be; nothing to act on.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     with _local_cluster_home(Path(cfg.output.dir).parent / ".ray"):
@@ -312,8 +326,42 @@ def _scaling(cfg: RunConfig, use_gpu: bool) -> ScalingConfig:
     )
 
 
-def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
-    """Run ``cfg`` as a Ray Train job, on ``distributed.ray_address`` or a local cluster it starts."""
+def cluster_use_gpu(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``distributed.use_gpu`` resolved against the connected cluster (null: GPUs when the
+    cluster has any; the driver's own node may have none), once, for every worker; GPUs it asks for
+    must exist (Ray would wait forever for them)."""
+    d = cfg.distributed
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = d.use_gpu if d.use_gpu is not None else gpus > 0
+    if use_gpu:
+        check_gpu_count(d.num_workers, d.gpus_per_worker, gpus, "the Ray cluster")
+    return with_use_gpu(cfg, use_gpu)
+
+
+def build_trainer(
+    cfg: RunConfig, job_id: str, run_name: str, callbacks: list[Any] | None = None, report_evals: bool = False
+) -> TorchTrainer:
+    """The TorchTrainer of one run of ``cfg`` (``use_gpu`` resolved): the workers run
+    ``trainer.worker.run_worker``; Ray keeps its state under ``<output.dir>/checkpoints/<run_name>``.
+    ``callbacks``: Ray Train callbacks (a sweep's, to Tune); ``report_evals``: report every eval loss."""
+    d, use_gpu = cfg.distributed, bool(cfg.distributed.use_gpu)
+    loop_config = {"config": cfg.model_dump(mode="json"), "job_id": job_id, "run_name": run_name}
+    return TorchTrainer(
+        _train_fn,
+        torch_config=_rendezvous(cfg, use_gpu),
+        train_loop_config=loop_config | {"report_evals": report_evals},
+        scaling_config=_scaling(cfg, use_gpu),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(cfg.checkpoint_root),
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def warn_open_dashboard(cfg: RunConfig) -> None:
     d = cfg.distributed
     if d.ray_dashboard and not d.ray_address and not is_loopback(d.ray_dashboard_host):
         log.warning(
@@ -321,31 +369,17 @@ def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
             "reaches them (CVE-2023-48022)",
             d.ray_dashboard_host,
         )
-    _connect(cfg, env)
+
+
+def run_ray(cfg: RunConfig, env: dict[str, str], job_id: str) -> None:
+    """Run ``cfg`` as a Ray Train job, on ``distributed.ray_address`` or a local cluster it starts."""
+    warn_open_dashboard(cfg)
+    connect(cfg, env)
     try:
-        # use_gpu null: GPUs when the cluster has any (the driver's own node may have none); resolved
-        # here, once, for every worker
-        gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = d.use_gpu if d.use_gpu is not None else gpus > 0
-        if use_gpu:  # Ray would wait forever for GPUs the cluster does not have
-            check_gpu_count(d.num_workers, d.gpus_per_worker, gpus, "the Ray cluster")
-        cfg = with_use_gpu(cfg, use_gpu)
+        cfg = cluster_use_gpu(cfg)
         # One Ray run per launch: Ray would otherwise restore a same-named run by itself; resuming
         # across launches is the config's decision (resume=auto finds checkpoints of any launch).
-        run_name = f"{Path(cfg.output.dir).name}-{job_id[:8]}"
-        trainer = TorchTrainer(
-            _train_fn,
-            torch_config=_rendezvous(cfg, use_gpu),
-            train_loop_config={"config": cfg.model_dump(mode="json"), "job_id": job_id, "run_name": run_name},
-            scaling_config=_scaling(cfg, use_gpu),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=str(cfg.checkpoint_root),
-                failure_config=FailureConfig(max_failures=d.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            ),
-        )
-        trainer.fit()
+        build_trainer(cfg, job_id, run_name=f"{Path(cfg.output.dir).name}-{job_id[:8]}").fit()
     finally:
         ray.shutdown()
 

@@ -94,3 +94,37 @@ def print_runs(uri: str | None, experiment: str | None, limit: int) -> int:
         return 0
     print(format_table(rows))
     return 0
+
+
+SWEEP_COLUMNS = ["trial", "run id", "status", "steps", "loss", "eval loss", "tokens/s"]
+
+
+def sweep_rows(uri: str, parent_id: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """A sweep's trials (the runs nested under ``parent_id``), by name, with the swept params as columns."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking.sweep_run import child_runs
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        parent = client.get_run(parent_id)
+    except MlflowException:
+        raise FileNotFoundError(f"{uri}: no run {parent_id} (the sweep's parent run id)") from None
+    swept = sorted(k.removeprefix("sweep.grid.") for k in parent.data.params if k.startswith("sweep.grid."))
+    rows = []
+    for run in sorted(child_runs(uri, parent_id), key=lambda r: r.info.run_name or ""):
+        row = _row(client, run)
+        row["trial"] = (row.pop("name") or "").rsplit("/", 1)[-1]
+        rows.append(row | {key: run.data.params.get(key) for key in swept})
+    return swept, rows
+
+
+def print_sweep(uri: str | None, parent_id: str) -> int:
+    uri = uri or default_uri()
+    swept, rows = sweep_rows(uri, parent_id)
+    if not rows:
+        print(f"no trials under run {parent_id} at {uri}")
+        return 0
+    print(format_table(rows, [*SWEEP_COLUMNS[:1], *swept, *SWEEP_COLUMNS[1:]]))
+    return 0

@@ -47,7 +47,7 @@ TEXT_DATA = (
 
 
 # Modules that start clusters (Ray, Slurm) and run the demo: under pytest-xdist they share one worker.
-CLUSTER_MODULES = {"test_end_to_end", "test_ray_cluster", "test_ray_failures", "test_slurm"}
+CLUSTER_MODULES = {"test_end_to_end", "test_ray_cluster", "test_ray_failures", "test_slurm", "test_sweep"}
 # The other long groups, longest first (make test on 2 cores: clusters 490 s, then 230, 220, 70, 30, 20 s;
 # every other module under 15 s).
 LONG_MODULES = ("test_resume", "test_adapters_e2e", "test_tracking", "test_preconditioner_distributed",

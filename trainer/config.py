@@ -385,6 +385,8 @@ class TrackingConfig(Section):
     """MLflow run name; null: the output directory's name."""
     run_id: str | None = None
     """An existing MLflow run to continue (a restarted job); null: a new run."""
+    parent_run_id: str | None = None
+    """Create the run as a nested child of this MLflow run (a sweep's trials, under the sweep's run)."""
     log_adapter: bool = True
     """Upload the adapter weights as an artefact (its small JSON files, e.g. a rank map, always go)."""
     registered_model: str | None = None

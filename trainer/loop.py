@@ -159,14 +159,16 @@ def train(
     state: LoopState,
     checkpoint: Callable[[LoopState, dict[str, float]], None] | None = None,
     extra_metrics: Callable[[], dict[str, float]] = dict,
-    on_eval: Callable[[int], dict[str, float]] = lambda step: {},
+    on_eval: Callable[[int, float], dict[str, float]] = lambda step, loss: {},
 ) -> LoopState:
-    """Train to ``settings.max_steps``. ``on_eval(step)``, called on every rank after each evaluation,
-    returns more eval metrics (the sample answers' exact match); it may hold collectives."""
+    """Train to ``settings.max_steps``. ``on_eval(step, eval_loss)``, called on every rank after each
+    evaluation, returns more eval metrics (the sample answers' exact match); it may hold collectives, and
+    a launcher's hook rides on it (e.g. reporting to a sweep's scheduler)."""
     world, end = dist.get_world_size(), settings.max_steps
     if eval_data and not state.eval_losses:
         state.eval_losses.append((state.step, evaluate(engine, eval_data, settings.loss_chunk_tokens)))
-        tracker.log_metrics({"eval/loss": state.eval_losses[-1][1]} | on_eval(state.step), step=state.step)
+        extra = on_eval(*state.eval_losses[-1])
+        tracker.log_metrics({"eval/loss": state.eval_losses[-1][1]} | extra, step=state.step)
     bar = progress(end, state.step, enabled=dist.get_rank() == 0)  # a log gets a line per 30 s, not a bar
     while state.step < end:
         start = time.perf_counter()
@@ -195,7 +197,7 @@ def train(
         ):
             state.eval_losses.append((state.step, evaluate(engine, eval_data, settings.loss_chunk_tokens)))
             metrics["eval/loss"] = state.eval_losses[-1][1]
-            metrics |= on_eval(state.step)
+            metrics |= on_eval(*state.eval_losses[-1])
         if state.step % settings.log_every == 0 or "eval/loss" in metrics or skipped:
             # On every rank (the tracker is null on ranks > 0): extra_metrics may gather over ranks.
             tracker.log_metrics(metrics | extra_metrics(), step=state.step)

@@ -90,13 +90,15 @@ def run_worker(
     job_id: str | None = None,
     resume_from: Path | None = None,
     device: torch.device | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` in this worker; rank 0 writes the outputs. Returns the run summary.
 
     ``resume_from`` (a checkpoint directory) wins over ``cfg.resume``; Ray passes it when it restarts
     the workers after a failure. ``job_id`` names one launch, so that restarts within it keep one
     MLflow run even before the first checkpoint exists. ``device``: the launcher's device for this
-    worker (Ray's); else GPU number LOCAL_RANK, or the CPU.
+    worker (Ray's); else GPU number LOCAL_RANK, or the CPU. ``on_eval(step, eval_loss)``: called on every
+    rank after each evaluation (a sweep's scheduler reads it).
     """
     wall_start = time.perf_counter()
     use_gpu = resolve_use_gpu(cfg.distributed.use_gpu)
@@ -167,9 +169,16 @@ def run_worker(
         counted = {} if fallbacks is None else {"train/preconditioner_fallbacks": fallbacks}
         return counted | memory_metrics(device)
 
-    on_eval = _sampling(cfg, tokenizer, engine, tracker)
+    sample = _sampling(cfg, tokenizer, engine, tracker)
+
+    def after_eval(step: int, eval_loss: float) -> dict[str, float]:
+        metrics = sample(step)
+        if on_eval is not None:
+            on_eval(step, eval_loss)
+        return metrics
+
     try:
-        state = train(engine, plan, evals, settings, tracker, state, checkpoint, extra_metrics, on_eval)
+        state = train(engine, plan, evals, settings, tracker, state, checkpoint, extra_metrics, after_eval)
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -52,6 +52,7 @@ PERMANENT_ERRORS = {
     "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED",
     "UNAUTHENTICATED", "BAD_REQUEST", "INVALID_STATE", "ENDPOINT_NOT_FOUND", "FEATURE_DISABLED",
 }  # fmt: skip
+PARENT_RUN_TAG = "mlflow.parentRunId"
 JOB_KEY_TAG = "riemann_tune.job_key"  # finds a run whose creation succeeded but whose reply was lost
 RESUMES_TAG = "riemann_tune.resumes"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -121,6 +122,28 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     if not cfg.tracking.enabled:
         return cfg
     return cfg.model_copy(update={"tracking": resolve_tracking(cfg.tracking, cfg.output.dir)})
+
+
+def ensure_experiment(client: Any, uri: str, name: str) -> str:
+    """The id of experiment ``name`` at ``uri``, created if missing (with its artefacts beside a sqlite
+    store, never in ./mlruns)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    if uri.startswith("sqlite:///"):
+        # A sqlite store keeps no artifacts itself: put them beside the database, never in ./mlruns.
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException as e:  # another job created it in between
+        again = client.get_experiment_by_name(name)
+        if again is None:
+            raise
+        log.debug("experiment %s appeared meanwhile: %s", name, describe_error(e))
+        return str(again.experiment_id)
 
 
 class MlflowTracker:
@@ -283,29 +306,14 @@ class MlflowTracker:
             if found:
                 return str(found[0].info.run_id)
         self._create_tried = True
-        run = self.client.create_run(
-            experiment_id, run_name=self.cfg.run_name, tags={JOB_KEY_TAG: self._job_key}
-        )
+        tags = {JOB_KEY_TAG: self._job_key}
+        if self.cfg.parent_run_id:
+            tags[PARENT_RUN_TAG] = self.cfg.parent_run_id  # MLflow nests the run under its parent
+        run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=tags)
         return str(run.info.run_id)
 
     def _experiment_id(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return str(found.experiment_id)
-        location = None
-        if self.uri.startswith("sqlite:///"):
-            # A sqlite store keeps no artifacts itself: put them beside the database, never in ./mlruns.
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
-        try:
-            return str(self.client.create_experiment(name, artifact_location=location))
-        except MlflowException as e:  # another job created it in between
-            again = self.client.get_experiment_by_name(name)
-            if again is None:
-                raise
-            log.debug("experiment %s appeared meanwhile: %s", name, describe_error(e))
-            return str(again.experiment_id)
+        return ensure_experiment(self.client, self.uri, name)
 
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -430,7 +438,8 @@ def start_tracking(
     cfg = resolve_run(cfg)
     tracker = make_tracker(cfg.tracking, cfg.output.dir, rank, run_id, job_key, resumed_at)
     params = config_lib.flatten(cfg)
-    params.pop("tracking.run_id", None)  # the run's own id, not a setting to compare runs by
+    for key in ("tracking.run_id", "tracking.parent_run_id"):  # ids (the second is a tag), not settings
+        params.pop(key, None)
     tracker.log_params(params)
     tracker.set_tags(run_tags(cfg, world_size, launcher, dict(os.environ)))
     return tracker
