@@ -21,13 +21,14 @@ from launch.cli import main
 from launch.ray_sweep import PlacementError, TrialNeeds, concurrency
 from launch.sweep_plan import SweepPlan, Trial, grid_points, load_state, parse_grid, plan_trials, save_state
 from launch.sweep_report import BEST, PLOT, TABLE_CSV, TABLE_MD, outcome_of, write_report
-from tests.conftest import DEMO_CONFIG, ROOT, has_usable_checkpoint, run_cli, start_cli, wait_for
+from tests.conftest import DEMO_CONFIG, ROOT, TEXT_DATA, has_usable_checkpoint, run_cli, start_cli, wait_for
 from tests.mlflow_server import MlflowServer, free_port
 from tests.processes import Daemon, session_pids
 from trainer.config import ConfigError
 
 # Tiny trials: one worker, 4 steps, one eval batch at the start and the end, no checkpoints.
 TINY = [
+    *TEXT_DATA,  # the longer rows: the kill below lands between trials' checkpoints, as measured
     "distributed.num_workers=1", "train.max_steps=4", "train.eval_every_n_steps=0",
     "train.eval_max_batches=1", "checkpoint.every_n_steps=0", "tracking.system_metrics=false",
 ]  # fmt: skip
