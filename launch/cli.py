@@ -1,8 +1,9 @@
 """The command line: ``python -m launch VERB``.
 
 ``train CONFIG [section.key=value ...]`` fine-tunes; ``submit`` sends the same as a Ray Job;
-``runs`` lists and compares recent MLflow runs; ``merge RUN_DIR_OR_ADAPTER --out DIR`` folds an
-adapter into its base; ``generate`` and ``eval`` use a fine-tuned run (launch/use.py).
+``plan CONFIG`` says what memory it needs per GPU and host (launch/plan.py); ``runs`` lists and
+compares recent MLflow runs; ``merge RUN_DIR_OR_ADAPTER --out DIR`` folds an adapter into its base;
+``generate`` and ``eval`` use a fine-tuned run (launch/use.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from launch import plan as plan_lib
 from launch import submit as submit_lib
 from launch import use as use_lib
 from launch.env import (
@@ -44,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. adapter.rank=16 train.max_steps=10"
     )
     submit_lib.add_parser(verbs)
+    plan_lib.add_parser(verbs)
     runs = verbs.add_parser("runs", help="list and compare recent MLflow runs")
     runs.add_argument("--experiment", help="only this experiment (default: all)")
     runs.add_argument("--uri", help=f"tracking URI (default: $MLFLOW_TRACKING_URI, else {DEMO_STORE})")
@@ -98,6 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from trainer.model import ensure_tiny_model
 
         ensure_tiny_model(cfg.model.path, cfg.model.build)
+    if not spawned_worker and (note := plan_lib.check_devices(cfg)):
+        print(note, file=sys.stderr)  # train.force: the plan's table, then the run
     Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
     if cfg.distributed.backend == "ray":
         address = cfg.distributed.ray_address
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         verbs = {
             "train": cmd_train, "runs": cmd_runs, "merge": cmd_merge, "submit": submit_lib.cmd_submit,
-            "generate": use_lib.cmd_generate, "eval": use_lib.cmd_eval,
+            "generate": use_lib.cmd_generate, "eval": use_lib.cmd_eval, "plan": plan_lib.cmd_plan,
         }  # fmt: skip
         return verbs[args.verb](args)
     except (ConfigError, FileNotFoundError) as e:
