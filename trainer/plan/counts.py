@@ -117,7 +117,7 @@ class ModelCounts:
 def _param_bytes(module: nn.Module, unit: UnitBytes, seen: set[int]) -> None:
     for sub in module.modules():
         for param in sub._parameters.values():
-            if param is None or id(param) in seen or (param.requires_grad and _is_adapter(param)):
+            if param is None or id(param) in seen:
                 continue
             seen.add(id(param))
             unit.largest_tensor = max(unit.largest_tensor, param.numel())
@@ -132,25 +132,25 @@ def _param_bytes(module: nn.Module, unit: UnitBytes, seen: set[int]) -> None:
                 unit.unquantized += param.numel() * param.element_size()
 
 
-_ADAPTER_IDS: set[int] = set()
-
-
-def _is_adapter(param: nn.Parameter) -> bool:
-    return id(param) in _ADAPTER_IDS
-
-
-def build_meta_model(cfg: RunConfig, architecture: str | None = None) -> tuple[nn.Module, int]:
-    """The trainable model on meta, as the loader builds it, with its adapters; and the adapted count."""
+def build_meta_model(cfg: RunConfig, architecture: str | None = None, quantized: bool = True) -> nn.Module:
+    """The base on meta, as the loader builds it: NF4 ``Linear4bit`` layers when quantising (the
+    quantisation a GPU run gets; on meta nothing is allocated)."""
     dtype = DTYPES[cfg.train.dtype]
-    path = architecture or cfg.model.path
-    config, cls = read_config(path, cfg.model.attn_implementation)
-    # The quantisation a GPU run gets (bnb_config: NF4 on cuda and cpu alike); nothing is allocated on meta.
-    quant = bnb_config(cfg.model, dtype, torch.device("cuda"))
-    model = build_skeleton(config, cls, dtype, torch.device("meta"), quant)
+    config, cls = read_config(architecture or cfg.model.path, cfg.model.attn_implementation)
+    quant = bnb_config(cfg.model, dtype, torch.device("cuda")) if quantized else None
+    return build_skeleton(config, cls, dtype, torch.device("meta"), quant)
+
+
+def inject_meta_adapters(cfg: RunConfig, architecture: str | None = None) -> tuple[list[nn.Parameter], int]:
+    """The configured adapters, injected by the loader's own call into the architecture on meta; and
+    how many modules they adapt. Injected into the unquantised skeleton (same shapes): a 4-bit layer
+    on meta cannot be dequantised, which DoRA's and Bat's initialisation read."""
+    model = build_meta_model(cfg, architecture, quantized=False)
     targets = find_targets(model, cfg.adapter.target_modules)
     torch.manual_seed(cfg.train.seed)
+    dtype = DTYPES[cfg.train.dtype]
     inject_adapters(model, cfg.adapter, dtype, ranks=_adaptive_ranks(cfg, targets), names=targets)
-    return model, len(targets)
+    return adapter_parameters(model), len(targets)
 
 
 def _adaptive_ranks(cfg: RunConfig, targets: list[str]) -> dict[str, int] | None:
@@ -163,17 +163,14 @@ def _adaptive_ranks(cfg: RunConfig, targets: list[str]) -> dict[str, int] | None
 
 def count_model(cfg: RunConfig, architecture: str | None = None) -> ModelCounts:
     """Every loading unit's bytes and the adapters' exact parameter count."""
-    model, adapted = build_meta_model(cfg, architecture)
-    adapters = adapter_parameters(model)
-    _ADAPTER_IDS.clear()
-    _ADAPTER_IDS.update(id(p) for p in adapters)
+    adapters, adapted = inject_meta_adapters(cfg, architecture)
+    model = build_meta_model(cfg, architecture)
     seen: set[int] = set()
     counted = []
     for name, unit in units(model):
         entry = UnitBytes(name)
         _param_bytes(unit, entry, seen)
         counted.append(entry)
-    _ADAPTER_IDS.clear()
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     embed = model.get_input_embeddings()
