@@ -11,7 +11,9 @@ the host is the device, and the process start-up constant stands where a GPU's C
 would), computed from the model's config.json alone.
 
 The grid: 3 model sizes x ZeRO 2 and 3 x 1 and 2 workers x micro-batch 1 and 4 x gradient
-checkpointing on and off = 48 points (``--sizes`` picks the sizes). Measurements are kept in
+checkpointing on and off = 48 points (``--sizes`` picks the sizes); ``--half`` measures its 24-point
+half fraction (8 points a size, every factor and pair of factors balanced), what fits in a session on
+a shared 2-core machine. Measurements are kept in
 bench/results/planner_accuracy_measured.json as they finish, so a cut-short run keeps what it measured
 and ``--only-predict`` recomputes the predictions without re-running anything.
 """
@@ -31,15 +33,20 @@ from bench.memory_load import build_checkpoint, run_variant
 
 GB = 1e9
 MALLOC_THRESHOLD = 1 << 16
-# (layers, hidden) of the random-init Llamas measured (vocabulary 32,000): ~43M, ~196M, ~0.5B parameters
-SIZES = {"S": (4, 512), "M": (8, 1024), "L": (16, 1536)}
+# (layers, hidden) of the random-init Llamas measured (vocabulary 32,000): ~43M, ~196M, ~0.32B parameters
+SIZES = {"S": (4, 512), "M": (8, 1024), "L": (12, 1280)}
 MEASURED = RESULTS / "planner_accuracy_measured.json"
 
 
-def grid(sizes: list[str]) -> list[dict[str, Any]]:
-    """Every grid point as a dict: size, zero, workers, micro_batch, checkpointing."""
+def grid(sizes: list[str], half: bool = False) -> list[dict[str, Any]]:
+    """Every grid point as a dict: size, zero, workers, micro_batch, checkpointing. ``half``: the
+    half fraction of the four two-level factors whose number of "high" levels (ZeRO-3, 2 workers,
+    micro-batch 4, checkpointing on) is odd, 8 points a size in which every factor, and every pair of
+    factors, appears at each level equally often (a resolution-IV design)."""
     points = []
     for size, zero, workers, mb, ckpt in itertools.product(sizes, (2, 3), (1, 2), (1, 4), (False, True)):
+        if half and ((zero == 3) + (workers == 2) + (mb == 4) + ckpt) % 2 == 0:
+            continue
         points.append(
             {"size": size, "zero": zero, "workers": workers, "micro_batch": mb, "checkpointing": ckpt}
         )
@@ -148,17 +155,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--only-predict", action="store_true", help="use the stored measurements only")
     parser.add_argument("--points", type=int, default=0, help="measure at most this many new points")
+    parser.add_argument("--half", action="store_true", help="the 24-point half fraction (see grid)")
     args = parser.parse_args()
     measured = load_measured()
     if not args.only_predict:
-        todo = [p for p in grid(args.sizes) if key(p) not in measured]
+        # round-robin over the sizes, so that a run cut short has measured every size
+        per_size = [[p for p in grid([size], args.half) if key(p) not in measured] for size in args.sizes]
+        todo = [p for group in itertools.zip_longest(*per_size) for p in group if p is not None]
         for point in todo[: args.points or None]:
             record = measure(point, args.length, args.steps)
             measured[key(point)] = record
             save_measured(measured)
             print(f"{key(point)}: {[round(b / GB, 3) for b in record['peak_bytes']]} GB "
                   f"({record['wall_s']:.0f} s)", flush=True)  # fmt: skip
-    records = [measured[key(p)] for p in grid(args.sizes) if key(p) in measured]
+    records = [measured[key(p)] for p in grid(args.sizes) if key(p) in measured]  # all measured, half or not
     rows = compare(records)
     print_table(rows, list(rows[0]))
     stats = summary(rows)

@@ -98,11 +98,11 @@ def _fused_attention() -> Iterator[None]:
         )
         return out[0]
 
-    F.scaled_dot_product_attention = fused  # type: ignore[assignment]
+    F.scaled_dot_product_attention = fused
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original  # type: ignore[assignment]
+        F.scaled_dot_product_attention = original
 
 
 def _one_layer_model(cfg: RunConfig, architecture: str | None) -> Any:

@@ -38,6 +38,7 @@ class Advice:
     gpus: int | None = None
     fixed: Plan | None = None
     message: str = ""
+    what_if: Plan | None = None  # with ZeRO-3 parameter offload, which the configs cannot ask for yet
 
 
 def _override(cfg: RunConfig, changes: dict[str, Any]) -> RunConfig:
@@ -74,9 +75,10 @@ def advise(
     """Plan ``cfg`` on ``devices``; if it does not fit, find the cheapest change that does."""
     counts = count_model(cfg, architecture)
 
-    def plan(c: RunConfig, d: hw.Devices) -> Plan:
+    def plan(c: RunConfig, d: hw.Devices, offload_params: bool = False) -> Plan:
         return plan_fn(c, d, seq_len=seq_len, architecture=architecture, cpu_ram=cpu_ram, counts=counts,
-                       ranks_per_host=min(d.count, gpus_per_host or devices.count))  # fmt: skip
+                       ranks_per_host=min(d.count, gpus_per_host or devices.count),
+                       offload_params=offload_params)  # fmt: skip
 
     first = plan(cfg, devices)
     advice = Advice(first)
@@ -95,6 +97,7 @@ def advise(
         trial = plan(current, devices)
         if trial.fits:
             return _found(advice, combined, None, trial)
+    advice.what_if = plan(current, devices, offload_params=True)
     count = devices.count * 2
     while count <= MAX_GPUS:
         more = hw.Devices(count, devices.memory, devices.kind)
@@ -113,6 +116,19 @@ def advise(
         + f"; nor with up to {MAX_GPUS} such GPUs"
     )
     return advice
+
+
+def what_it_takes(advice: Advice) -> str:
+    """The what-if: the most frugal setting with the base offloaded to host RAM (ZeRO-3 offload_param)."""
+    w = advice.what_if
+    if w is None:
+        return ""
+    verdict = "would fit" if w.fits else "would still not fit"
+    return (
+        f"with ZeRO-3 parameter offload (the base's partitions in pinned host RAM, as DeepSpeed's "
+        f"offload_param does; not yet a distributed.* option here) it {verdict}: "
+        f"{w.device_peak / hw.GIB:.1f} GiB per GPU, {w.host_peak / hw.GIB:.1f} GiB host RAM per host"
+    )
 
 
 def _describe(changes: dict[str, Any]) -> str:

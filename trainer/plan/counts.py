@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -132,7 +133,7 @@ def _param_bytes(module: nn.Module, unit: UnitBytes, seen: set[int]) -> None:
                 unit.unquantized += param.numel() * param.element_size()
 
 
-def build_meta_model(cfg: RunConfig, architecture: str | None = None, quantized: bool = True) -> nn.Module:
+def build_meta_model(cfg: RunConfig, architecture: str | None = None, quantized: bool = True) -> Any:
     """The base on meta, as the loader builds it: NF4 ``Linear4bit`` layers when quantising (the
     quantisation a GPU run gets; on meta nothing is allocated)."""
     dtype = DTYPES[cfg.train.dtype]
@@ -173,7 +174,7 @@ def count_model(cfg: RunConfig, architecture: str | None = None) -> ModelCounts:
         counted.append(entry)
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    embed = model.get_input_embeddings()
+    embed: Any = model.get_input_embeddings()
     itemsize = DTYPES[cfg.train.dtype].itemsize
     head_bytes = head.weight.numel() * head.weight.element_size() if head is not None else 0
     tied = head is not None and head.weight is embed.weight

@@ -108,11 +108,13 @@ class Plan:
 def plan_config(
     cfg: RunConfig, devices: hw.Devices | None = None, device: str = "cuda", seq_len: int | None = None,
     architecture: str | None = None, cpu_ram: int | None = None, counts: ModelCounts | None = None,
-    ranks_per_host: int | None = None,
+    ranks_per_host: int | None = None, offload_params: bool = False,
 ) -> Plan:  # fmt: skip
     """The memory plan of ``cfg`` on ``devices`` (default: ``distributed.num_workers`` GPUs of 80 GB,
     or CPU processes when ``device`` is cpu). ``seq_len``: tokens per sequence (default
-    ``data.max_seq_len``, the worst case, and every row's length with packing)."""
+    ``data.max_seq_len``, the worst case, and every row's length with packing). ``offload_params``: a
+    what-if, ZeRO-3 with each rank's partition of the base in host RAM (DeepSpeed's ``offload_param``),
+    which this project's configs cannot ask for yet: the advice uses it to say what a plan would take."""
     if devices is None:
         kind = "cpu" if device == "cpu" else "cuda"
         devices = hw.Devices(cfg.distributed.num_workers, cpu_ram or 80 * hw.GB, kind)
@@ -121,7 +123,7 @@ def plan_config(
     counts = counts or count_model(cfg, architecture)
     acts = measure_layer(cfg, cfg.train.micro_batch_size, seq, architecture)
     components = (
-        _base(cfg, counts, world)
+        _base(cfg, counts, world, offload_params)
         + _adapters(cfg, counts, world)
         + _activations(cfg, counts, acts, seq)
         + _deepspeed(cfg, counts, world)
@@ -137,19 +139,22 @@ def _z3(cfg: RunConfig) -> bool:
     return cfg.distributed.zero_stage == 3
 
 
-def _base(cfg: RunConfig, counts: ModelCounts, world: int) -> list[Component]:
-    z3 = _z3(cfg)
+def _base(cfg: RunConfig, counts: ModelCounts, world: int, offload: bool = False) -> list[Component]:
+    z3 = _z3(cfg) or offload
     packed = sum(shard(u.packed, world) for u in counts.units) if z3 else counts.packed
     unq = sum(shard(u.unquantized, world) for u in counts.units) if z3 else counts.unquantized
     how = f"1/{world} (ZeRO-3)" if z3 else "whole (ZeRO 0-2 keep the frozen base on every rank)"
     quant = cfg.model.quantization == "nf4"
     rows = []
     if quant:
-        rows.append(Component("base", "4-bit base, packed NF4", packed, "run", note=how))
+        where = "host" if offload else "device"
+        rows.append(Component("base", "4-bit base, packed NF4", packed, "run", where=where,
+                              note=how + (", in host RAM (what-if)" if offload else "")))  # fmt: skip
         rows.append(Component("base", "4-bit quantisation constants (absmax, double quant)", counts.constants,
                               "run", note="whole on every rank (quant_state: not partitioned)"))  # fmt: skip
     label = "unquantised parts (embeddings, norms, lm_head)" if quant else "base (unquantised)"
-    rows.append(Component("base", label, unq, "run", note=f"{cfg.train.dtype}, {how}"))
+    rows.append(Component("base", label, unq, "run", where="host" if offload else "device",
+                          note=f"{cfg.train.dtype}, {how}"))  # fmt: skip
     return rows
 
 

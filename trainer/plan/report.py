@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.plan import hardware as hw
-from trainer.plan.advice import Advice
+from trainer.plan.advice import Advice, what_it_takes
 from trainer.plan.planner import Plan
 
 PHASES = {"run": "held", "load": "loading", "train": "fwd/bwd", "step": "opt. step", "fixed": "fixed",
@@ -55,6 +55,8 @@ def render(advice: Advice) -> str:
         out.append(f"verdict: DOES NOT FIT (short by {advice.plan.shortfall / hw.GIB:.1f} GiB"
                    f"{'' if advice.plan.fits_host else ', host RAM too'})")  # fmt: skip
         out.append(f"suggestion: {advice.message}")
+        if advice.what_if is not None:
+            out.append(f"what it takes on these GPUs: {what_it_takes(advice)}")
     return "\n".join(out)
 
 
@@ -78,4 +80,5 @@ def advice_json(advice: Advice) -> dict[str, Any]:
         "plan": plan_json(advice.plan), "fits": advice.plan.fits, "suggestion": advice.message or None,
         "changes": advice.changes, "gpus": advice.gpus,
         "fixed_plan": plan_json(advice.fixed) if advice.fixed is not None else None,
+        "what_if_param_offload": plan_json(advice.what_if) if advice.what_if is not None else None,
     }  # fmt: skip
