@@ -210,8 +210,9 @@ def _activations(cfg: RunConfig, counts: ModelCounts, acts: LayerActivations, se
     transient = max(forward, backward, loss_peak)
     rows = [
         Component("activations", f"saved for backward ({layers} layers)", stack, "train",
-                  note=f"{b} x {seq} tokens, checkpointing {'on' if ckpt else 'off'}, "
-                       f"{cfg.model.attn_implementation}"),
+                  note=f"{b} x {seq} tokens ({'packed rows' if cfg.data.packing else 'longest row'}), "
+                       f"checkpointing {'on' if ckpt else 'off'}, {cfg.model.attn_implementation}, "
+                       "no activation offload"),
         Component("activations", "largest transient (layer fwd/bwd, recompute, loss)", transient, "train",
                   note=f"loss {how}" + ("; one dequantised 4-bit weight" if quant else "")),
     ]  # fmt: skip
