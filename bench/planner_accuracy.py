@@ -90,13 +90,18 @@ def predict(record: dict[str, Any]) -> list[int]:
     return [plan.rank_peak_bytes(rank) for rank in range(record["workers"])]
 
 
-def load_measured() -> dict[str, Any]:
-    return json.loads(MEASURED.read_text())["points"] if MEASURED.is_file() else {}
+def load_measured(*paths: Path) -> dict[str, Any]:
+    """Every point measured so far, from the main store and any side stores (parallel runs)."""
+    points: dict[str, Any] = {}
+    for path in (MEASURED, *paths):
+        if path.is_file():
+            points.update(json.loads(path.read_text())["points"])
+    return points
 
 
-def save_measured(points: dict[str, Any]) -> None:
+def save_measured(points: dict[str, Any], path: Path = MEASURED) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    MEASURED.write_text(json.dumps({"machine": machine(), "points": points}, indent=1) + "\n")
+    path.write_text(json.dumps({"machine": machine(), "points": points}, indent=1) + "\n")
 
 
 def compare(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -156,16 +161,25 @@ def main() -> None:
     parser.add_argument("--only-predict", action="store_true", help="use the stored measurements only")
     parser.add_argument("--points", type=int, default=0, help="measure at most this many new points")
     parser.add_argument("--half", action="store_true", help="the 24-point half fraction (see grid)")
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=MEASURED,
+        help="where this run keeps its measurements (a second run in parallel: its own file)",
+    )
+    parser.add_argument("--also", type=Path, nargs="*", default=[], help="other stores to read")
+    parser.add_argument("--reverse", action="store_true", help="measure the grid from its end")
     args = parser.parse_args()
-    measured = load_measured()
+    measured = load_measured(args.store, *args.also)
     if not args.only_predict:
         # round-robin over the sizes, so that a run cut short has measured every size
         per_size = [[p for p in grid([size], args.half) if key(p) not in measured] for size in args.sizes]
         todo = [p for group in itertools.zip_longest(*per_size) for p in group if p is not None]
+        todo = todo[::-1] if args.reverse else todo
         for point in todo[: args.points or None]:
             record = measure(point, args.length, args.steps)
             measured[key(point)] = record
-            save_measured(measured)
+            save_measured(measured, args.store)
             print(f"{key(point)}: {[round(b / GB, 3) for b in record['peak_bytes']]} GB "
                   f"({record['wall_s']:.0f} s)", flush=True)  # fmt: skip
     records = [measured[key(p)] for p in grid(args.sizes) if key(p) in measured]  # all measured, half or not
