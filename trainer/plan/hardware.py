@@ -15,6 +15,11 @@ The fixed costs are constants, each with where it comes from:
 - ``CPU_PROCESS_BYTES``: on a CPU-only run the host is the device; a worker's anonymous memory after
   start-up (torch, transformers, DeepSpeed imported, the gloo process group up), measured here by
   bench.memory_load and bench.planner_accuracy (peak_start): 0.40 GB per process.
+- ``CPU_RUNTIME_BYTES``: what a CPU worker's anonymous memory grows by while it loads and initialises,
+  beyond every tensor the plan counts (transformers' modelling code imported, DeepSpeed's engine
+  objects, glibc's arenas): 35 MB, measured once on bench.planner_accuracy's first grid point
+  (S-z2-n1-mb1-ck0: its peak minus start-up minus the plan's components) and then held fixed for
+  every other point; that point's error is therefore not independent evidence.
 - ``HOST_PROCESS_BYTES``: a GPU worker's host RAM with CUDA initialised (torch's CUDA libraries,
   the pinned staging pool): 3 GiB per process, the RssAnon of a CUDA torch process after its first
   step (order of magnitude; not measured in this project).
@@ -32,6 +37,7 @@ CUDA_CONTEXT_BYTES = GIB // 2
 NCCL_BYTES = GIB // 4
 ALLOCATOR_RESERVE = 0.10
 CPU_PROCESS_BYTES = 400_000_000
+CPU_RUNTIME_BYTES = 35_000_000
 HOST_PROCESS_BYTES = 3 * GIB
 
 _UNITS = {"": GB, "b": 1, "kb": 10**3, "mb": 10**6, "gb": GB, "tb": 10**12,

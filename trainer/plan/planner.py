@@ -51,6 +51,7 @@ class Plan:
     ranks_per_host: int
     cpu_ram: int | None = None
     notes: list[str] = field(default_factory=list)
+    rank0_file_backed: int = 0  # CPU only: bytes rank 0 holds in the checkpoint's file pages, not anonymous
 
     def phase_total(self, phase: str, where: str = "device") -> int:
         return sum(c.bytes for c in self.components if c.phase == phase and c.where == where)
@@ -70,9 +71,12 @@ class Plan:
         return self.allocated_peak + self.phase_total("reserve") + self.phase_total("fixed")
 
     def rank_peak_bytes(self, rank: int = 0) -> int:
-        """Every rank holds the same shares here (DeepSpeed pads partitions to equal sizes)."""
-        del rank
-        return self.device_peak
+        """A rank's anonymous peak. Every rank holds the same shares (DeepSpeed pads partitions to equal
+        sizes), except on a CPU run below ZeRO-3: there the unquantised tensors the loader reads in the
+        checkpoint's own dtype are never copied (``.to`` is a no-op) and stay pages of the memory-mapped
+        file on rank 0, while DeepSpeed's broadcast at initialize writes into them on every other rank,
+        which turns them into private, anonymous copies (copy-on-write)."""
+        return self.device_peak - (self.rank0_file_backed if rank == 0 else 0)
 
     @property
     def host_per_rank(self) -> int:
@@ -132,7 +136,17 @@ def plan_config(
     plan = Plan(world, devices, seq, cfg.train.micro_batch_size, components,
                 ranks_per_host or world, cpu_ram)  # fmt: skip
     plan.components += _fixed(plan)
+    if devices.kind == "cpu" and not _z3(cfg) and _checkpoint_dtype(counts) == DTYPES[cfg.train.dtype]:
+        plan.rank0_file_backed = counts.unquantized
     return plan
+
+
+def _checkpoint_dtype(counts: ModelCounts) -> object:
+    """The dtype config.json says the checkpoint's tensors are stored in."""
+    import torch
+
+    value = getattr(counts.config, "dtype", None) or getattr(counts.config, "torch_dtype", None)
+    return getattr(torch, value) if isinstance(value, str) else value
 
 
 def _z3(cfg: RunConfig) -> bool:
@@ -258,7 +272,9 @@ def _loading(cfg: RunConfig, counts: ModelCounts, world: int) -> list[Component]
 def _fixed(plan: Plan) -> list[Component]:
     if plan.devices.kind == "cpu":
         return [Component("runtime", "process start-up (torch, DeepSpeed, gloo)", hw.CPU_PROCESS_BYTES,
-                          "fixed", note="measured (trainer/plan/hardware.py)")]  # fmt: skip
+                          "fixed", note="measured (trainer/plan/hardware.py)"),
+                Component("runtime", "heap growth of loading and initialize", hw.CPU_RUNTIME_BYTES, "fixed",
+                          note="measured once (trainer/plan/hardware.py)")]  # fmt: skip
     reserve = int(plan.allocated_peak * hw.ALLOCATOR_RESERVE)
     return [
         Component("runtime", "CUDA context", hw.CUDA_CONTEXT_BYTES, "fixed", note="constant, hardware.py"),
