@@ -102,9 +102,17 @@ def _config(args: argparse.Namespace, stage: int, world: int) -> Any:
 
     return config_lib.validate(
         {
-            "model": {"path": args.model, "quantization": "nf4"},
+            "model": {
+                "path": args.model,
+                "quantization": "nf4",
+                "gradient_checkpointing": bool(getattr(args, "checkpointing", False)),
+            },
             "distributed": {"zero_stage": stage, "num_workers": world},
-            "train": {"micro_batch_size": 1, "grad_accum_steps": 1, "dtype": "bf16"},
+            "train": {
+                "micro_batch_size": getattr(args, "micro_batch", 1),
+                "grad_accum_steps": 1,
+                "dtype": "bf16",
+            },
             "data": {"train_path": "unused"},
             "output": {"dir": str(CACHE / "out")},
         }
@@ -140,9 +148,10 @@ def worker(args: argparse.Namespace) -> None:
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(rank)
     for _ in range(args.steps):
-        ids = torch.randint(3, vocab, (1, args.length), generator=gen)
+        ids = torch.randint(3, vocab, (cfg.train.micro_batch_size, args.length), generator=gen)
         batch = StepBatch(micro_batches=[{"input_ids": ids, "labels": ids}],
-                          global_loss_tokens=world * (args.length - 1), global_tokens=world * args.length,
+                          global_loss_tokens=world * ids.shape[0] * (args.length - 1),
+                          global_tokens=world * ids.numel(),
                           epoch=0)  # fmt: skip
         train_step(engine, batch, world)
     dist.barrier()
@@ -171,7 +180,9 @@ def run_variant(
             env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
         cmd = [sys.executable, "-m", "bench.memory_load", "--worker", "--model", args.model,
                "--out", str(out), "--store", str(store), "--loader", loader, "--stage", str(stage),
-               "--steps", str(args.steps), "--length", str(args.length)]  # fmt: skip
+               "--steps", str(args.steps), "--length", str(args.length),
+               "--micro-batch", str(getattr(args, "micro_batch", 1)),
+               *(["--checkpointing"] if getattr(args, "checkpointing", False) else [])]  # fmt: skip
         procs.append(
             subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         )
@@ -314,6 +325,8 @@ def main() -> None:
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--loader", default="stream", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--micro-batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)

@@ -1,9 +1,10 @@
 """The command line: ``python -m launch VERB``.
 
 ``train CONFIG [section.key=value ...]`` fine-tunes; ``submit`` sends the same as a Ray Job; ``sweep``
-runs many fine-tunes over a grid as Ray Tune trials under one MLflow parent run;
-``runs`` lists and compares recent MLflow runs; ``merge RUN_DIR_OR_ADAPTER --out DIR`` folds an
-adapter into its base; ``generate`` and ``eval`` use a fine-tuned run (launch/use.py).
+runs many fine-tunes over a grid as Ray Tune trials under one MLflow parent run; ``plan CONFIG`` says
+what memory it needs per GPU and host (launch/plan.py); ``runs`` lists and compares recent MLflow runs;
+``merge RUN_DIR_OR_ADAPTER --out DIR`` folds an adapter into its base; ``generate`` and ``eval`` use a
+fine-tuned run (launch/use.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from launch import plan as plan_lib
 from launch import submit as submit_lib
 from launch import sweep as sweep_lib
 from launch import use as use_lib
@@ -34,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit_lib.add_parser(verbs)
     sweep_lib.add_parser(verbs)
+    plan_lib.add_parser(verbs)
     runs = verbs.add_parser("runs", help="list and compare recent MLflow runs")
     runs.add_argument("--experiment", help="only this experiment (default: all)")
     runs.add_argument("--uri", help=f"tracking URI (default: $MLFLOW_TRACKING_URI, else {DEMO_STORE})")
@@ -95,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from trainer.model import ensure_tiny_model
 
         ensure_tiny_model(cfg.model.path, cfg.model.build)
+    if not spawned_worker and (note := plan_lib.check_devices(cfg)):
+        print(note, file=sys.stderr)  # train.force: the plan's table, then the run
     Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
     if cfg.distributed.backend == "ray":
         keep_ray_on_loopback(cfg, env)
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         verbs = {
             "train": cmd_train, "runs": cmd_runs, "merge": cmd_merge, "submit": submit_lib.cmd_submit,
-            "sweep": sweep_lib.cmd_sweep,
+            "sweep": sweep_lib.cmd_sweep, "plan": plan_lib.cmd_plan,
             "generate": use_lib.cmd_generate, "eval": use_lib.cmd_eval,
         }  # fmt: skip
         return verbs[args.verb](args)

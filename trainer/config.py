@@ -362,6 +362,9 @@ class TrainConfig(Section):
     """Compute the cross-entropy over this many tokens at a time, so the micro-batch's float32 logits
     never exist whole (trainer/loss.py); 0: unchunked; null: 1024 for vocabularies of 32,000 and more,
     where the logits dwarf everything else a step holds, else unchunked."""
+    force: bool = False
+    """Train even if the memory plan (``python -m launch plan``), run first on the GPUs found, says the
+    run does not fit them."""
 
 
 class CheckpointConfig(Section):
