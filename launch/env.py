@@ -21,6 +21,8 @@ OFFLINE_DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    # MLflow draws a download bar whenever it appends to a table artefact (every evaluation's samples)
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

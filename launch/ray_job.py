@@ -233,6 +233,7 @@ RAY_WORKER_CHATTER = (
     "Checkpoint successfully created at",
     "Reporting training result",
     "Reported metrics:",
+    "shm_comm_op built successfully",  # DeepSpeed, at every load of its CPU op (a real compile is logged)
 )
 WORKER_TRACEBACK = "Error in training function:"
 """Ray's worker logs a failing train function's traceback under this line; the driver reports the error."""
