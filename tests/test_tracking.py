@@ -300,7 +300,9 @@ def test_two_workers_log_one_run_with_params_tags_metrics_and_artefacts(
     params, tags = run.data.params, run.data.tags
     assert params["distributed.num_workers"] == "2" and params["adapter.rank"] == "8"
     assert params["tracking.uri"] == mlflow_server.uri and "tracking.run_id" not in params
-    assert len(params) == len(config_lib.flatten(config_lib.load(out / "config.yaml"))) - 1
+    # every setting but the run's own identity (its id, its parent's)
+    assert "tracking.parent_run_id" not in params
+    assert len(params) == len(config_lib.flatten(config_lib.load(out / "config.yaml"))) - 2
     assert tags["world_size"] == "2" and tags["launcher"] == "local"
     assert tags["hostname"] and tags["cpu"] and tags["versions.torch"] == torch.__version__
     assert tags["cpu_threads"] == str(max(1, len(os.sched_getaffinity(0)) // 2)), (
