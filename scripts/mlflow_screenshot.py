@@ -78,16 +78,11 @@ def main() -> None:
             args.run,
             MlflowClient(f"sqlite:///{args.store}").get_run(args.run).info.experiment_id,
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        server = MlflowServer(Path(tmp), store=args.store.resolve())
-        server.start()
-        try:
-            for page in PAGES:
-                png = args.out / f"mlflow-{page}.png"
-                browse(page_url(server, experiment_id, run_id, page), png=png)
-                print(f"wrote {png}")
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory() as tmp, MlflowServer(Path(tmp), store=args.store.resolve()) as server:
+        for page in PAGES:
+            png = args.out / f"mlflow-{page}.png"
+            browse(page_url(server, experiment_id, run_id, page), png=png)
+            print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,13 @@ class MlflowServer:
         self.stop()
         raise RuntimeError(f"mlflow server did not start; see {self.root / 'server.log'}")
 
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         """Kill the whole process group at once (uvicorn and its workers): an abrupt outage."""
         if self.proc is None:

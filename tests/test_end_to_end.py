@@ -214,11 +214,7 @@ def test_the_mlflow_ui_renders_the_run(demo_run: Path) -> None:
     summary = json.loads((demo_run / "summary.json").read_text())
     store = demo_run.parent / "mlflow.db"
     run = MlflowClient(f"sqlite:///{store}").get_run(summary["mlflow_run_id"])
-    server = MlflowServer(demo_run.parent / "ui", store=store)
     (demo_run.parent / "ui").mkdir(exist_ok=True)
-    server.start()
-    try:
+    with MlflowServer(demo_run.parent / "ui", store=store) as server:
         dom = browse(page_url(server, run.info.experiment_id, run.info.run_id, "metrics"))
-    finally:
-        server.stop()
     assert RUN_NAME in dom, dom[-2000:]

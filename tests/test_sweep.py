@@ -196,10 +196,8 @@ def test_a_child_run_is_nested_under_the_sweeps_parent(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    srv.start()
-    yield srv
-    srv.stop()
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

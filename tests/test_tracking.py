@@ -226,10 +226,8 @@ def test_resuming_an_unknown_run_id_starts_a_new_run(
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
 
 
 def _client(uri: str) -> Any:
