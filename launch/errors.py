@@ -8,9 +8,7 @@ holds each rank's), and a local worker process that printed its own error exits 
 from __future__ import annotations
 
 from trainer.config import ConfigError
-from trainer.data import DataError
-from trainer.export import MergeError
-from trainer.inference.trained import InferenceError
+from trainer.errors import DataError, InferenceError, MergeError
 
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, FileNotFoundError, DataError, InferenceError, MergeError,

@@ -22,11 +22,7 @@ import datasets
 
 from trainer.config import DataSource
 from trainer.data.formats import JSON_COLUMN
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file (and the row, where there is one)."""
-
+from trainer.errors import DataError
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")

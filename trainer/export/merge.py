@@ -19,14 +19,11 @@ from trainer.adapters import REGISTRY, adapter_layers, inject_adapters
 from trainer.adapters.base_layers import base_weight, set_base_weight
 from trainer.checkpoints import atomic_dir
 from trainer.config import ModelConfig
+from trainer.errors import MergeError
 from trainer.export.adapter import OUR_CONFIG, SavedAdapter, load_adapter_state, load_saved_adapter
 from trainer.model import DTYPES, load_base_model, quantized_digest
 
 log = logging.getLogger(__name__)
-
-
-class MergeError(ValueError):
-    """The adapter cannot be merged (an input-dependent method, or a base that does not match)."""
 
 
 def find_adapter_dir(path: Path) -> Path:

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trainer import config as config_lib
 from trainer.adapters import REGISTRY
 from trainer.config import DataConfig
+from trainer.errors import InferenceError
 from trainer.export import (
     OUR_CONFIG,
     SavedAdapter,
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 
 # An adapter directory without its run's config.yaml is used with the default instruction format.
 DEFAULT_FORMAT = DataConfig.model_validate({"train_path": "<none: used for inference only>"})
-
-
-class InferenceError(ValueError):
-    """The run, adapter or prompt cannot be used as asked; the message says what to change."""
 
 
 @dataclass
