@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,15 @@ def test_the_users_error_is_found_inside_rays_worker_group_error() -> None:
     except RuntimeError as e:
         assert isinstance(usage_error(e), ConfigError)
     assert usage_error(WorkerGroupError("worker errors", {0: RuntimeError("OOM")})) is None
+
+
+def test_the_ray_driver_and_controller_import_no_training_stack() -> None:
+    """Ray's TrainController unpickles the trainer from launch.ray_job (and a failed worker's error): it
+    must not import DeepSpeed, transformers or datasets to do so (7 s of every Ray run's start-up)."""
+    heavy = ("deepspeed", "transformers", "datasets", "bitsandbytes")
+    code = f"import sys, launch.ray_job, launch.errors; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"importing launch.ray_job pulls in {out.strip()}"
 
 
 def _batch(actor: str, *lines: str, pid: int = 7) -> dict[str, object]:
