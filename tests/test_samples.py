@@ -92,3 +92,20 @@ def test_the_table_is_kept_locally_cut_on_resume_and_summarised(tmp_path: Path) 
     resumed = MetricsFile(tmp_path / "metrics.jsonl", NullTracker(), resumed_at=5)  # step 10 is replayed
     resumed.finish()
     assert summarize(tmp_path / "samples.jsonl")["exact_match"] == 0.5
+
+
+def test_a_fresh_run_in_a_used_directory_starts_its_records_over(tmp_path: Path) -> None:
+    """`make demo` twice: the second run's summary reads its own 64 answers, not 128 (the first's too)."""
+    first = MetricsFile(tmp_path / "metrics.jsonl", NullTracker())
+    first.log_metrics({"eval/loss": 2.0}, 300)
+    first.log_table(
+        [{"step": 300, "prompt": "p", "reference": "r", "generation": "r", "exact": True}], "samples"
+    )
+    first.finish()
+    again = MetricsFile(tmp_path / "metrics.jsonl", NullTracker())
+    again.log_table(
+        [{"step": 300, "prompt": "p", "reference": "r", "generation": "x", "exact": False}], "samples"
+    )
+    again.finish()
+    assert summarize(tmp_path / "samples.jsonl")["exact_match"] == 0.0
+    assert (tmp_path / "metrics.jsonl").read_text() == ""

@@ -86,9 +86,17 @@ class MetricsFile:
         self.path = path
         self.inner = inner
         path.parent.mkdir(parents=True, exist_ok=True)
-        if resumed_at is not None and path.exists():
+        if resumed_at is None:  # a fresh run in a used directory: its records are this run's alone
+            self._start_over()
+        elif path.exists():
             self._resume_at(resumed_at)
         self._file = path.open("a")
+
+    def _start_over(self) -> None:
+        """The files of a run that trained here before go (its MLflow run keeps them): appended to, the
+        new run's summary would read the old run's samples as its own."""
+        for file in (self.path, *(self.path.parent / f"{name}.jsonl" for name in TABLES)):
+            file.unlink(missing_ok=True)
 
     def _resume_at(self, step: int) -> None:
         """A run resumed from its checkpoint at ``step``: rows of later steps (the cut-short attempt's,
