@@ -28,7 +28,7 @@ STRACE = shutil.which("strace")
 CHROMIUM = shutil.which("chromium")
 RUN_NAME = "demo-end-to-end"
 STEPS = 300  # configs/tiny-cpu.yaml's train.max_steps
-MARGIN = 0.1  # exact match the demo must reach: measured 0.23 (2 Ray workers), 0.61 (one process)
+MARGIN = 0.5  # exact match the demo must reach: a majority (measured 0.72-0.98 over seeds 0-3)
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +87,10 @@ def test_summary_and_loss(demo_run: Path) -> None:
 
 def test_the_demo_learns_its_task(demo_run: Path) -> None:
     """The demo sorts held-out word triples: greedy exact match over all 64 eval prompts goes from none
-    before training to 23% after (measured on this machine's 2 cores: 0, 3, 12.5, 19, 25, 23% at steps
-    0-300; 61% for the same config in one process). The bar is MARGIN: above the noise of a run whose
-    bf16 reductions differ, well below the measurement."""
+    before training to a majority after (measured on this machine's 2 cores: 75, 98, 92 and 72% for
+    seeds 0-3; a run that fails to learn answers every prompt with one fixed order, under 10%). The bar
+    is MARGIN, below every seed's measurement: a run whose bf16 reductions differ lands elsewhere among
+    them."""
     summary = json.loads((demo_run / "summary.json").read_text())
     assert summary["sample_prompts"] == 64
     assert summary["exact_match_first"] == 0.0
