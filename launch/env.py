@@ -23,6 +23,9 @@ OFFLINE_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     # MLflow draws a download bar whenever it appends to a table artefact (every evaluation's samples)
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Ray folds lines that differ only in tokens holding a digit into "[repeated Nx across cluster]":
+    # "rank 0 of 2 on Ray node <id>" and rank 1's became one line, and which node rank 1 ran on was lost
+    "RAY_DEDUP_LOGS_ALLOW_REGEX": "riemann-tune:",
 }
 
 

@@ -193,8 +193,9 @@ def connect(cfg: RunConfig, env: dict[str, str], concurrent_runs: int = 1) -> No
     """ray.init on the configured cluster, or on a new local one bound to loopback, with CPUs enough for
     ``concurrent_runs`` runs of ``cfg`` (a sweep's trials) however few cores the machine has."""
     d = cfg.distributed
-    if d.ray_address:
+    if d.ray_address:  # a cluster of many users: its actors' lines are held back all the same
         ray.init(address=d.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
+        _route_worker_lines(Path(cfg.output.dir) / RAY_LOG)
         return
     cpus = max(os.cpu_count() or 1, math.ceil(concurrent_runs * d.num_workers * d.cpus_per_worker) + 1)
     # "Token authentication is enabled for this Ray cluster": it is, and it should be; nothing to act on.

@@ -119,6 +119,10 @@ def killed_run(cluster: RayCluster, tiny_model_dir: Path) -> tuple[Path, str]:
             cluster.root / "driver.log", cluster.env,
         )  # fmt: skip
         wait_for(lambda: has_usable_checkpoint(out / "checkpoints"), 900, "the first checkpoint", run.proc)
+        # Each node's log monitor forwards its workers' lines when it next polls: a node killed before
+        # then takes its rank's placement line with it (seen on a loaded machine).
+        placed = re.compile(r"riemann-tune: rank 1 of 2 on Ray node")
+        wait_for(lambda: placed.search(run.log.read_text()), 120, "both ranks' placement lines", run.proc)
         assert not (out / "summary.json").exists(), "the run finished before the node could be killed"
         hold.kill()  # the head's 2 CPUs free for the restart, both workers on it
         freed = " 2.0/3.0 CPU"  # the run's 2 workers only
