@@ -46,25 +46,29 @@ TEXT_DATA = (
 )
 
 
-# Modules that start clusters (Ray, Slurm) and run the demo: under pytest-xdist they share one worker.
-CLUSTER_MODULES = {"test_end_to_end", "test_ray_cluster", "test_ray_failures", "test_slurm", "test_sweep"}
+# Modules that start clusters (Ray, Slurm) and run the demo, in two groups of about equal time: under
+# pytest-xdist each group stays on one worker, so no more than two clusters ever share the cores.
+CLUSTER_GROUPS = {
+    "test_end_to_end": "clusters-a", "test_ray_failures": "clusters-a", "test_ray_cluster": "clusters-a",
+    "test_sweep": "clusters-b", "test_slurm": "clusters-b",
+}  # fmt: skip
 # The other long groups, longest first (make test on 2 cores: clusters 490 s, then 230, 220, 70, 30, 20 s;
 # every other module under 15 s).
-LONG_MODULES = ("test_resume", "test_adapters_e2e", "test_tracking", "test_preconditioner_distributed",
-                "test_distributed")  # fmt: skip
+LONG_MODULES = ("test_plan", "test_resume", "test_adapters_e2e", "test_tracking",
+                "test_preconditioner_distributed", "test_distributed")  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Groups for ``pytest -n 2 --dist loadgroup`` (what ``make test`` runs): a module's tests stay on one
-    worker, so its module-scoped runs and servers are built once; the cluster modules share a worker, so
-    two clusters never compete for the cores while the other workers run everything else. The groups are
-    collected longest first (the cluster group, by far, then LONG_MODULES), and ``make test`` keeps that
+    worker, so its module-scoped runs and servers are built once; the cluster modules form two groups,
+    so no more than two clusters compete for the cores. The groups are collected longest first (the two
+    cluster groups, then LONG_MODULES), and ``make test`` keeps that
     order (``--no-loadscope-reorder``): xdist then hands the short groups to whichever worker is free at
     the end, instead of finishing on a long one while the other worker idles."""
     for item in items:
         module = _module(item)
-        item.add_marker(pytest.mark.xdist_group("clusters" if module in CLUSTER_MODULES else module))
+        item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUPS.get(module, module)))
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason=NO_GPU))
     items.sort(key=lambda item: _rank(_module(item)))
@@ -75,9 +79,9 @@ NO_GPU = "gpu: needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False
 
 
 def _rank(module: str) -> int:
-    if module in CLUSTER_MODULES:
-        return 0
-    return 1 + (LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES))
+    if module in CLUSTER_GROUPS:
+        return 0 if CLUSTER_GROUPS[module] == "clusters-a" else 1
+    return 2 + (LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES))
 
 
 def _module(item: pytest.Item) -> str:
