@@ -362,6 +362,15 @@ class TrainConfig(Section):
     """Compute the cross-entropy over this many tokens at a time, so the micro-batch's float32 logits
     never exist whole (trainer/loss.py); 0: unchunked; null: 1024 for vocabularies of 32,000 and more,
     where the logits dwarf everything else a step holds, else unchunked."""
+    compile: bool = False
+    """torch.compile each decoder layer on its own (regional, as torchtune does: trainer/model/speed.py),
+    with any adapter method, on full-precision and NF4 bases (the 4-bit projections stay eager: dynamo
+    breaks the graph at each). Off by default: on the 2-core CPU it was measured (bench.peers --compile,
+    README) not to pay, and compiling costs time at the first steps."""
+    liger: bool = False
+    """Liger kernels (RMSNorm, SwiGLU, RoPE; the liger-kernel package, installed apart) patched into the
+    model. Triton kernels for CUDA GPUs only: refused with distributed.use_gpu false, and at load time on
+    any worker without CUDA or without the package."""
     force: bool = False
     """Train even if the memory plan (``python -m launch plan``), run first on the GPUs found, says the
     run does not fit them."""
@@ -457,6 +466,16 @@ class RunConfig(Section):
                 "optim.preconditioner: riemannian acts on low-rank (A, B) factor pairs and "
                 "adapter.method={method} has none (only {paired} do): set optim.preconditioner: none",
                 {"method": self.adapter.method, "paired": ", ".join(sorted(PAIRED_METHODS))},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _liger_needs_a_gpu(self) -> RunConfig:
+        if self.train.liger and self.distributed.use_gpu is False:
+            raise PydanticCustomError(
+                "config",
+                "train.liger: Liger kernels are Triton kernels for CUDA GPUs and distributed.use_gpu is "
+                "false: set train.liger: false",
             )
         return self
 
