@@ -26,7 +26,7 @@ else
     DEVICE_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
     DEVICE_NAME=${DEVICE_NAME:-unknown-gpu}
     GPU=true; PEERS=(--device cuda --model 1b --base nf4 --precondition off --rounds 2 --steps 10 --warmup 3)
-    DEMO_STEPS=100; PRECOND=(--workload tiny --ranks 8 16 --rounds 20)
+    DEMO_STEPS=100; PRECOND=(--workload tiny --ranks 8 16 --rounds 10)
 fi
 DEV=$(echo "$DEVICE_NAME" | tr -c 'A-Za-z0-9\n' '_' | sed 's/__*/_/g; s/_$//')
 WORK=$(mktemp -d)
@@ -47,13 +47,13 @@ step() {
     STEPS+=("{\"step\": \"$name\", \"exit_code\": $rc, \"seconds\": $seconds, \"timeout_s\": $limit}")
 }
 
-step gpu_tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step gpu_tests 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 step demo 90 "$PY" -m launch train configs/tiny-cpu.yaml distributed.backend=local \
     distributed.num_workers=1 distributed.use_gpu=$GPU train.max_steps=$DEMO_STEPS \
     train.eval_every_n_steps=$((DEMO_STEPS / 2)) checkpoint.every_n_steps=0 tracking.enabled=false \
     output.dir="$WORK/demo"
 cp "$WORK/demo/summary.json" "$RESULTS/gpu_check_${DEV}_demo_summary.json" 2>/dev/null
-step peers_1b_nf4 200 "$PY" -m bench.peers "${PEERS[@]}" --name "peers_1b_nf4_$DEV"
+step peers_1b_nf4 240 "$PY" -m bench.peers "${PEERS[@]}" --name "peers_1b_nf4_$DEV"
 step preconditioner_overhead 60 "$PY" -m bench.preconditioner_overhead "${PRECOND[@]}"
 for ext in json png; do
     mv -f "$RESULTS/preconditioner_overhead_tiny.$ext" "$RESULTS/preconditioner_overhead_tiny_$DEV.$ext" 2>/dev/null
