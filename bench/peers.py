@@ -430,6 +430,7 @@ def main() -> None:
                 setup = Setup(model, base, precondition == "on", args.device, args.steps, args.warmup)
                 rows += compare(setup, args.rounds, extra)
                 print_table(rows[-len(extra) - 2 :], COLUMNS)
+                write_results(args.name, {"args": vars(args), "rows": rows})  # so far, should a run stop
     columns = COLUMNS + (["mfu %"] if any("mfu %" in r for r in rows) else [])
     print()
     print_table(rows, columns)
