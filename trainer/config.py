@@ -364,9 +364,10 @@ class TrainConfig(Section):
     where the logits dwarf everything else a step holds, else unchunked."""
     compile: bool = False
     """torch.compile each decoder layer on its own (regional, as torchtune does: trainer/model/speed.py),
-    with any adapter method, on full-precision and NF4 bases (the 4-bit projections stay eager: dynamo
-    breaks the graph at each). Off by default: on the 2-core CPU it was measured (bench.peers --compile,
-    README) not to pay, and compiling costs time at the first steps."""
+    with any adapter method, on full-precision and NF4 bases (no graph break at bitsandbytes' 4-bit
+    matmul: it is registered as torch ops). Off by default: it costs 17-35 s of compilation at the first
+    steps on the 2-core CPU, and no speed-up was resolved there (bench.peers --compile, README's
+    Performance)."""
     liger: bool = False
     """Liger kernels (RMSNorm, SwiGLU, RoPE; the liger-kernel package, installed apart) patched into the
     model. Triton kernels for CUDA GPUs only: refused with distributed.use_gpu false, and at load time on
