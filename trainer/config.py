@@ -366,8 +366,8 @@ class TrainConfig(Section):
     """torch.compile each decoder layer on its own (regional, as torchtune does: trainer/model/speed.py),
     with any adapter method, on full-precision and NF4 bases (no graph break at bitsandbytes' 4-bit
     matmul: it is registered as torch ops). Off by default: it costs 17-35 s of compilation at the first
-    steps on the 2-core CPU, and no speed-up was resolved there (bench.peers --compile, README's
-    Performance)."""
+    steps on the 2-core CPU (~70 s with a cold inductor cache), and no speed-up was resolved there
+    (bench.peers --compile, README's Performance)."""
     liger: bool = False
     """Liger kernels (RMSNorm, SwiGLU, RoPE; the liger-kernel package, installed apart) patched into the
     model. Triton kernels for CUDA GPUs only: refused with distributed.use_gpu false, and at load time on
