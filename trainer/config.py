@@ -362,6 +362,16 @@ class TrainConfig(Section):
     """Compute the cross-entropy over this many tokens at a time, so the micro-batch's float32 logits
     never exist whole (trainer/loss.py); 0: unchunked; null: 1024 for vocabularies of 32,000 and more,
     where the logits dwarf everything else a step holds, else unchunked."""
+    compile: bool = False
+    """torch.compile each decoder layer on its own (regional, as torchtune does: trainer/model/speed.py),
+    with any adapter method, on full-precision and NF4 bases (no graph break at bitsandbytes' 4-bit
+    matmul: it is registered as torch ops). Off by default: it costs 17-35 s of compilation at the first
+    steps on the 2-core CPU (~70 s with a cold inductor cache), and no speed-up was resolved there
+    (bench.peers --compile, README's Performance)."""
+    liger: bool = False
+    """Liger kernels (RMSNorm, SwiGLU, RoPE; the liger-kernel package, installed apart) patched into the
+    model. Triton kernels for CUDA GPUs only: refused with distributed.use_gpu false, and at load time on
+    any worker without CUDA or without the package."""
     force: bool = False
     """Train even if the memory plan (``python -m launch plan``), run first on the GPUs found, says the
     run does not fit them."""
@@ -457,6 +467,16 @@ class RunConfig(Section):
                 "optim.preconditioner: riemannian acts on low-rank (A, B) factor pairs and "
                 "adapter.method={method} has none (only {paired} do): set optim.preconditioner: none",
                 {"method": self.adapter.method, "paired": ", ".join(sorted(PAIRED_METHODS))},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _liger_needs_a_gpu(self) -> RunConfig:
+        if self.train.liger and self.distributed.use_gpu is False:
+            raise PydanticCustomError(
+                "config",
+                "train.liger: Liger kernels are Triton kernels for CUDA GPUs and distributed.use_gpu is "
+                "false: set train.liger: false",
             )
         return self
 

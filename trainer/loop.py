@@ -26,6 +26,7 @@ __all__ = [
     "LoopState",
     "forward_logits",
     "micro_loss",
+    "timed_step",
     "token_loss_sum",
     "train",
     "train_step",
@@ -84,6 +85,21 @@ def train_step(
         engine.step()
         total += summed.detach()
     return total
+
+
+def timed_step(
+    engine: Any, plan: GlobalBatches, step: int, world_size: int, settings: LoopSettings
+) -> tuple[StepBatch, float, float, bool]:
+    """Step ``step + 1``: its batch, its mean token loss over the global batch, its seconds (batch
+    assembly included) and whether the optimizer skipped it. What ``train`` and bench.peers time."""
+    start = time.perf_counter()
+    batch = plan.for_step(step)
+    poison = step + 1 in settings.poison_steps
+    summed = train_step(engine, batch, world_size, poison, settings.loss_chunk_tokens)
+    dist.all_reduce(summed)
+    loss = summed.item() / max(1, batch.global_loss_tokens)  # the step's one wait for the device
+    seconds = time.perf_counter() - start
+    return batch, loss, seconds, step_was_skipped(engine) or not math.isfinite(loss)
 
 
 @torch.no_grad()
@@ -171,14 +187,7 @@ def train(
         tracker.log_metrics({"eval/loss": state.eval_losses[-1][1]} | extra, step=state.step)
     bar = progress(end, state.step, enabled=dist.get_rank() == 0)  # a log gets a line per 30 s, not a bar
     while state.step < end:
-        start = time.perf_counter()
-        batch = plan.for_step(state.step)
-        poison = state.step + 1 in settings.poison_steps
-        summed = train_step(engine, batch, world, poison, settings.loss_chunk_tokens)
-        dist.all_reduce(summed)
-        loss = summed.item() / max(1, batch.global_loss_tokens)  # the step's one wait for the device
-        seconds = time.perf_counter() - start
-        skipped = step_was_skipped(engine) or not math.isfinite(loss)
+        batch, loss, seconds, skipped = timed_step(engine, plan, state.step, world, settings)
         state.record(loss, skipped, settings.max_bad_steps)
         state.tokens, state.train_seconds = state.tokens + batch.global_tokens, state.train_seconds + seconds
         grad_norm = None if skipped else global_grad_norm(engine)

@@ -25,6 +25,7 @@ from transformers import (
 from trainer.adapters import REGISTRY, find_targets, freeze_base, inject_adapters, rank_map, rank_table
 from trainer.adapters.base_layers import is_quantized
 from trainer.config import FLASH_ATTENTION_NEEDS, ConfigError, ModelConfig, RunConfig
+from trainer.model.speed import apply_liger, compile_layers
 from trainer.model.stream import build_skeleton, load_units, read_config
 
 log = logging.getLogger(__name__)
@@ -167,10 +168,15 @@ def prepare_model_from_pretrained(cfg: RunConfig, device: torch.device) -> PreTr
 
 
 def _finish(model: PreTrainedModel, cfg: RunConfig, adapted: int) -> PreTrainedModel:
-    """Gradient checkpointing last, so it wraps the layers that now hold adapters."""
+    """Gradient checkpointing, so it wraps the layers that now hold adapters; then Liger's kernels, then
+    regional compilation, last, so it traces the forward as it will run (trainer/model/speed.py)."""
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if cfg.train.liger:
+        apply_liger(model, next(model.parameters()).device)
+    if cfg.train.compile:
+        log.info("compiling %d decoder layers one by one (train.compile)", compile_layers(model))
     log.info("adapted %d modules with %s (rank %d)", adapted, cfg.adapter.method, cfg.adapter.rank)
     if REGISTRY[cfg.adapter.method].adaptive_rank:
         log.info("%s ranks from the SVD rule:\n%s", cfg.adapter.method, rank_table(rank_map(model)))
