@@ -10,8 +10,24 @@
 # A dry run of the plumbing on a CPU (tiny sizes, a few steps): GPU_CHECK_DRY=1 bash bench/gpu_check.sh
 set -u
 
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+# On a lent machine (no .venv, no registry): the image's python3, with the wheels scripts/gpu_wheels.sh
+# fetched installed into /tmp/site as they arrive (.whl/a in a first call with --install-only, .whl/b in
+# the call that runs the check; scripts/gpu_wheels.sh says why two). With $OUT set (the device tool), every
+# result file also lands in $OUT/gpu_check_<device>.tgz, one file, as the tool brings back only a few.
+cd "$(dirname "$0")/.." || exit 1
+if [ -x .venv/bin/python ]; then
+    PY=${PY:-.venv/bin/python}
+else
+    PY=${PY:-python3}
+    for batch in .whl/a .whl/b; do
+        if compgen -G "$batch/*.whl" >/dev/null; then
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target /tmp/site "$batch"/*.whl || { echo "gpu_check: installing $batch failed"; exit 1; }
+        fi
+    done
+    if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}; fi
+fi
+if [ "${1:-}" = --install-only ]; then echo "gpu_check: installed into /tmp/site"; exit 0; fi
 RESULTS=bench/results
 DRY=${GPU_CHECK_DRY:-0}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -63,3 +79,6 @@ rm -rf "$WORK"
 joined=$(IFS=,; echo "${STEPS[*]}")
 echo "{\"device\": \"$DEVICE_NAME\", \"date\": \"$(date -u +%FT%TZ)\", \"steps\": [$joined]}" >"$SUMMARY"
 echo "wrote $SUMMARY"
+if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu_check_$DEV.tgz" "$RESULTS"/*"$DEV"* && echo "packed $OUT/gpu_check_$DEV.tgz"
+fi

@@ -16,13 +16,17 @@ pytestmark = pytest.mark.unit
 
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
 SHELLCHECK = shutil.which("shellcheck")
+# The other shell scripts: the GPU check and its wheels, the system packages, the sbatch helpers.
+SHELL_SCRIPTS = sorted(
+    [*(ROOT / "slurm").glob("*.sh"), *(ROOT / "bench").glob("*.sh"), *(ROOT / "scripts").glob("*.sh")]
+)
 
 
 def test_the_three_launch_paths_exist() -> None:
     assert {p.name for p in SCRIPTS} == {"ray-gpu.sbatch", "ray-cpu.sbatch", "multinode-deepspeed.sbatch"}
 
 
-@pytest.mark.parametrize("script", [*SCRIPTS, *(ROOT / "slurm").glob("*.sh")], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [*SCRIPTS, *SHELL_SCRIPTS], ids=lambda p: p.name)
 def test_bash_parses(script: Path) -> None:
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -33,7 +37,7 @@ def test_bash_parses(script: Path) -> None:
 )
 def test_shellcheck_is_clean() -> None:
     proc = subprocess.run(
-        [SHELLCHECK, "-x", *map(str, SCRIPTS), *map(str, (ROOT / "slurm").glob("*.sh"))],
+        [SHELLCHECK, "-x", *map(str, SCRIPTS), *map(str, SHELL_SCRIPTS)],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout
