@@ -95,7 +95,7 @@ def batching(tok: Any, work: Path, path: str, steps: int) -> list[dict[str, Any]
             for step in range(steps):
                 batch = plan.for_step(step)
                 tokens += batch.global_tokens
-                eff.append(batch.metrics["data/packing_efficiency"])
+                eff.append(batch.metrics["train/packing_efficiency"])
             seconds = time.perf_counter() - start
             rate = tokens / seconds
             eff_mean = float(np.mean(eff))

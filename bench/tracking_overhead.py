@@ -29,7 +29,8 @@ from trainer.tracking import MlflowTracker
 
 METRICS = [
     "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s", "train/epoch",
-    "train/preconditioner_fallbacks", "memory/peak_mb", "memory/peak_mb.rank0", "memory/peak_mb.rank1",
+    "train/preconditioner_fallbacks", "system/memory_peak_mb", "system/memory_peak_mb.rank0",
+    "system/memory_peak_mb.rank1",
     "eval/loss", "train/tokens",
 ]  # fmt: skip
 

@@ -117,7 +117,7 @@ def test_packing_keeps_every_example_whole(plan_for: Callable[..., GlobalBatches
         real = sum(int((m["input_ids"] != 0).sum()) for m in micro)
         assert batch.global_tokens == real
         slots = sum(m["input_ids"].numel() for m in micro)
-        assert batch.metrics["data/packing_efficiency"] == pytest.approx(real / slots)
+        assert batch.metrics["train/packing_efficiency"] == pytest.approx(real / slots)
 
 
 @pytest.mark.parametrize(("attn", "flat"), [("sdpa", False), ("eager", False), ("sdpa", True)])
@@ -226,4 +226,4 @@ def test_flash_attention_gets_one_padding_free_row(plan_for: Callable[..., Globa
             keep = x["input_ids"] != 0  # the same examples, in the same order, row after row
             for k in ("input_ids", "labels", "position_ids"):
                 assert torch.equal(y[k][0], x[k][keep])
-        assert b.metrics["data/packing_efficiency"] == 1.0
+        assert b.metrics["train/packing_efficiency"] == 1.0

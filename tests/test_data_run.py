@@ -40,5 +40,5 @@ def test_packed_streamed_chat_run(make_config: Callable[..., RunConfig], tmp_pat
     assert summary["steps"] == 3 and summary["data"]["data/bad_rows_empty_messages"] == 1
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "train/loss" in m]
-    assert len(steps) == 3 and all(0.5 < m["data/packing_efficiency"] <= 1 for m in steps)
+    assert len(steps) == 3 and all(0.5 < m["train/packing_efficiency"] <= 1 for m in steps)
     assert all(m["data/bad_rows"] == 1 for m in steps)

@@ -121,7 +121,7 @@ def test_memory_metrics_report_the_allocators_reserve(tmp_path: Path) -> None:
         metrics = memory_metrics(CUDA)
     finally:
         dist.destroy_process_group()
-    assert metrics["memory/peak_reserved_mb"] >= metrics["memory/peak_mb"] >= 256
+    assert metrics["system/memory_peak_reserved_mb"] >= metrics["system/memory_peak_mb"] >= 256
     assert metrics["peak_memory_reserved_mb.rank0"] == metrics["peak_memory_reserved_mb"]
 
 

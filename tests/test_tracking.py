@@ -126,9 +126,9 @@ def test_peak_memory_per_rank_matches_the_kernels_high_water_mark(tmp_path: Path
     hwm_kib = next(
         int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM")
     )
-    assert set(metrics) == {"memory/peak_mb", "memory/peak_mb.rank0"}
-    assert metrics["memory/peak_mb.rank0"] == metrics["memory/peak_mb"]
-    assert metrics["memory/peak_mb"] == pytest.approx(hwm_kib / 1024, abs=2.0)
+    assert set(metrics) == {"system/memory_peak_mb", "system/memory_peak_mb.rank0"}
+    assert metrics["system/memory_peak_mb.rank0"] == metrics["system/memory_peak_mb"]
+    assert metrics["system/memory_peak_mb"] == pytest.approx(hwm_kib / 1024, abs=2.0)
 
 
 # -- the MLflow tracker on the embedded sqlite store ---------------------------------------------------
@@ -309,22 +309,22 @@ def test_two_workers_log_one_run_with_params_tags_metrics_and_artefacts(
     assert tags["versions.mlflow"] and tags["versions.deepspeed"] and len(tags["git_commit"]) == 40
 
     rows = _rows(out)
-    assert sorted({int(r["step"]) for r in rows}) == list(range(7)), (
-        "eval and data stats at step 0, then every step"
-    )
+    assert sorted({int(r["step"]) for r in rows}) == list(range(7)), "eval at step 0, then every step"
     assert [int(r["step"]) for r in rows if "train/loss" in r] == list(range(1, 7))
     _assert_histories_match_jsonl(client, run.info.run_id, rows)
     logged = run.data.metrics
     for key in ("train/loss", "eval/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-                "train/step_time_s", "train/preconditioner_fallbacks", "memory/peak_mb.rank0",
-                "memory/peak_mb.rank1"):  # fmt: skip
+                "train/step_time_s", "train/preconditioner_fallbacks", "system/memory_peak_mb.rank0",
+                "system/memory_peak_mb.rank1"):  # fmt: skip
         assert key in logged, key
     assert (
-        100 < logged["memory/peak_mb.rank1"] < 16_000
-        and logged["memory/peak_mb.rank0"] != logged["memory/peak_mb.rank1"]
+        100 < logged["system/memory_peak_mb.rank1"] < 16_000
+        and logged["system/memory_peak_mb.rank0"] != logged["system/memory_peak_mb.rank1"]
     ), "each rank reports its own process"
     assert any(k.startswith("system/cpu_utilization") for k in logged), "MLflow system metrics"
-    assert summary["mlflow_metric_rows"] == len(rows) == 8 and summary["mlflow_metric_rows_dropped"] == 0
+    assert summary["mlflow_metric_rows"] == len(rows) == 7 and summary["mlflow_metric_rows_dropped"] == 0
+    assert float(tags["data/train_examples"]) == summary["data"]["data/train_examples"], "data facts: tags"
+    assert not any(k.startswith("data/") for k in logged), "no single-point charts of the data's sizes"
 
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "metrics.jsonl", "loss_curve.png", "adapter"} <= top
@@ -471,7 +471,7 @@ def test_a_server_outage_mid_run_loses_no_metric(
     assert "retrying in the background" in output and "reachable again" in output
     summary = json.loads((out / "summary.json").read_text())
     assert (
-        summary["mlflow_metric_rows"] == len(_rows(out)) == steps + 2
+        summary["mlflow_metric_rows"] == len(_rows(out)) == steps + 1
         and summary["mlflow_metric_rows_dropped"] == 0
     )
     run = client.get_run(summary["mlflow_run_id"])
@@ -513,6 +513,6 @@ def test_a_server_unreachable_from_the_start_never_stops_training(
     assert "metrics.jsonl holds them all" in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["mlflow_run_id"] is None
-    # data stats and eval at step 0, then 3 steps
-    assert summary["mlflow_metric_rows_dropped"] == summary["mlflow_metric_rows"] == len(_rows(out)) == 5
+    # eval at step 0, then 3 steps
+    assert summary["mlflow_metric_rows_dropped"] == summary["mlflow_metric_rows"] == len(_rows(out)) == 4
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss_curve.png").is_file()

@@ -137,7 +137,9 @@ def run_worker(
     )  # fmt: skip
     if saved and saved.data:
         plan.load_state_dict(saved.data)  # a stream continues where it was, without replaying
-    tracker.log_metrics(plan.stats(), step=state.step)  # data set sizes, bad rows skipped
+    # data set sizes and bad rows skipped: facts of the run (tags), not single-point charts that the
+    # MLflow UI would sort first, above the losses
+    tracker.set_tags({name: f"{value:g}" for name, value in plan.stats().items()})
     if attempt > 1:  # a Ray restart of this launch (rank 0 counts; other ranks' trackers are null)
         tracker.set_tags({"restarts": str(attempt - 1)})
         tracker.log_metrics({"system/restarts": attempt - 1}, step=state.step)

@@ -105,7 +105,7 @@ def assemble(rows: Sequence[Sequence[int]], store: DocStore, layout: Layout, epo
         global_loss_tokens=sum(store.n_loss(i) for row in rows for i in row),
         global_tokens=sum(lengths),
         epoch=epoch,
-        metrics={"data/packing_efficiency": sum(lengths) / slots},
+        metrics={"train/packing_efficiency": sum(lengths) / slots},
     )
 
 

@@ -42,11 +42,12 @@ def peak_reserved_mb(device: torch.device) -> float:
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
-    """``memory/peak_mb`` (the largest over ranks) and ``memory/peak_mb.rank<i>`` for every rank; on GPUs
-    also ``memory/peak_reserved_mb`` and ``memory/peak_reserved_mb.rank<i>`` (the allocator's reserve)."""
-    metrics = _over_ranks("memory/peak_mb", peak_memory_mb(device), device)
+    """``system/memory_peak_mb`` (the largest over ranks) and ``system/memory_peak_mb.rank<i>`` for every
+    rank; on GPUs also ``system/memory_peak_reserved_mb`` and ``.rank<i>`` (the allocator's reserve).
+    Under ``system/``, MLflow draws them in its System metrics tab, beside the node's own."""
+    metrics = _over_ranks("system/memory_peak_mb", peak_memory_mb(device), device)
     if device.type == "cuda":
-        metrics |= _over_ranks("memory/peak_reserved_mb", peak_reserved_mb(device), device)
+        metrics |= _over_ranks("system/memory_peak_reserved_mb", peak_reserved_mb(device), device)
     return metrics
 
 
