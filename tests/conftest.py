@@ -52,8 +52,8 @@ CLUSTER_GROUPS = {
     "test_end_to_end": "clusters-a", "test_ray_failures": "clusters-a", "test_ray_cluster": "clusters-a",
     "test_sweep": "clusters-b", "test_slurm": "clusters-b",
 }  # fmt: skip
-# The other long groups, longest first (make test on 2 cores: clusters 490 s, then 230, 220, 70, 30, 20 s;
-# every other module under 15 s).
+# The other long groups, longest first (make test on 2 cores, 2026-12-02: the cluster groups about 9 min
+# each, then these; every other module under a minute).
 LONG_MODULES = ("test_plan", "test_resume", "test_adapters_e2e", "test_tracking",
                 "test_preconditioner_distributed", "test_distributed")  # fmt: skip
 
