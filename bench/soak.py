@@ -177,12 +177,17 @@ def slope_mb_per_10k(points: list[tuple[int, float]]) -> float | None:
 
 
 def worker_rows(run: dict[str, Any], warmup: int) -> list[dict[str, Any]]:
-    """Per worker: RssAnon at the end of warm-up and at the end, and the slopes after warm-up."""
+    """Per worker: RssAnon at the end of warm-up and at the end, and the slopes after warm-up.
+
+    The slopes leave out the samples taken at the last step: those are the run's end (the adapter's
+    export, the summary, the loss curve), which adds its own ~20 MB once; a slope through them reads as
+    growth per step what is a one-off."""
     rows = []
     pids = sorted({pid for s in run["samples"] for pid in s["rss_anon_mb"]}, key=int)
+    last = max((s["step"] for s in run["samples"]), default=0)
     for i, pid in enumerate(pids):
         points = [(s["step"], s["rss_anon_mb"][pid]) for s in run["samples"] if pid in s["rss_anon_mb"]]
-        after = [(step, mb) for step, mb in points if step >= warmup]
+        after = [(step, mb) for step, mb in points if warmup <= step < last]
         half = [(step, mb) for step, mb in after if step >= (warmup + max(s for s, _ in points)) / 2]
         rows.append({
             "backend": run["backend"], "worker": i, "pid": int(pid),
