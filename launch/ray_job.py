@@ -193,23 +193,22 @@ def connect(cfg: RunConfig, env: dict[str, str], concurrent_runs: int = 1) -> No
     """ray.init on the configured cluster, or on a new local one bound to loopback, with CPUs enough for
     ``concurrent_runs`` runs of ``cfg`` (a sweep's trials) however few cores the machine has."""
     d = cfg.distributed
-    if d.ray_address:  # a cluster of many users: its actors' lines are held back all the same
+    if d.ray_address:
         ray.init(address=d.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
-        _route_worker_lines(Path(cfg.output.dir) / RAY_LOG)
-        return
-    cpus = max(os.cpu_count() or 1, math.ceil(concurrent_runs * d.num_workers * d.cpus_per_worker) + 1)
-    # "Token authentication is enabled for this Ray cluster": it is, and it should be; nothing to act on.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    with _local_cluster_home(Path(cfg.output.dir).parent / ".ray"):
-        ray.init(
-            num_cpus=cpus,
-            include_dashboard=d.ray_dashboard,
-            dashboard_host=d.ray_dashboard_host,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env},
-            log_to_driver=True,
-        )
-    _route_worker_lines(Path(cfg.output.dir) / RAY_LOG)
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(concurrent_runs * d.num_workers * d.cpus_per_worker) + 1)
+        # "Token authentication is enabled for this Ray cluster": it is, and it should be; nothing to act on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        with _local_cluster_home(Path(cfg.output.dir).parent / ".ray"):
+            ray.init(
+                num_cpus=cpus,
+                include_dashboard=d.ray_dashboard,
+                dashboard_host=d.ray_dashboard_host,
+                _node_ip_address="127.0.0.1",
+                runtime_env={"env_vars": env},
+                log_to_driver=True,
+            )
+    _route_worker_lines(Path(cfg.output.dir) / RAY_LOG)  # on a joined cluster too
 
 
 RAY_LOG = "ray.log"
