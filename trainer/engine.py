@@ -172,7 +172,17 @@ def partition_module(module: nn.Module, ds_config: dict[str, Any]) -> None:
     then sees a ZeRO-Init model (engine.py ``_configure_distributed_model``: any parameter with a
     ``ds_id``): it neither moves nor broadcasts it, and stage 3 (parameter_offload.py
     ``_convert_to_zero_parameters``) only converts parameters that are not ZeRO parameters yet.
+
+    On the CPU a tensor the loader read in the checkpoint's own dtype is a page of the memory-mapped
+    file. The broadcast writes rank 0's bytes into it on every other rank, and the kernel then copies
+    each written page privately and keeps the copy until the file is closed, after the whole model
+    has loaded: measured, the embedding and head (130 MB) stayed on rank 1 after partitioning freed
+    them. A receiving rank therefore takes its own copy first, which partitioning frees.
     """
+    if dist.get_rank() != 0:
+        for param in module.parameters():
+            if not hasattr(param, "ds_id") and param.device.type == "cpu":
+                param.data = param.data.clone()
     deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
 
 
