@@ -9,6 +9,9 @@ through ``trainer.engine.init_distributed``, as workers do. CHECK is one of:
 - ``timeout``: with ``--timeout-s`` as the collective timeout, rank 1 waits at a barrier that rank 0
   reaches only after ``--late-s``; records whether it failed and after how long.
 - ``buckets``: builds a DeepSpeed ZeRO-2 engine on the tiny model and records its bucket sizes.
+- ``vocab``: the vocabulary-sharded embedding, head and loss (trainer/model/vocab.py) against the same
+  computations on the whole matrix, with a different number of tokens on each rank; records the
+  largest differences.
 """
 
 from __future__ import annotations
@@ -104,7 +107,51 @@ def check_buckets(args: argparse.Namespace, rank: int) -> dict[str, Any]:
     }
 
 
-CHECKS = {"agree": check_agree, "timeout": check_timeout, "buckets": check_buckets}
+def check_vocab(args: argparse.Namespace, rank: int) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    from trainer.data import IGNORE_INDEX
+    from trainer.model.vocab import ShardedEmbedding, ShardedHead, VocabSplit, sharded_head_loss
+
+    vocab, width = 14, 6
+    split = VocabSplit.current()
+    start, stop = split.rows(vocab)
+    result: dict[str, Any] = {"rows": [start, stop]}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        weight = torch.randn(vocab, width, generator=torch.Generator().manual_seed(0)).to(dtype)
+        gen = torch.Generator().manual_seed(10 + rank)
+        tokens = 5 + 4 * rank  # ranks differ: the shorter one pads
+        ids = torch.randint(0, vocab, (1, tokens), generator=gen)
+        hidden = torch.randn(tokens, width, generator=gen).to(dtype)
+        labels = torch.randint(0, vocab, (tokens,), generator=gen)
+        labels[1] = IGNORE_INDEX
+        embedding = ShardedEmbedding(weight[start:stop].clone(), vocab, split)
+        result[f"{name}_embedding"] = (embedding(ids) - F.embedding(ids, weight)).abs().max().item()
+        head = ShardedHead(weight[start:stop].clone(), vocab, split)
+        with torch.no_grad():
+            logits = head(hidden[None])
+        result[f"{name}_logits"] = (logits[0] - F.linear(hidden, weight)).abs().max().item()
+        h_ref = hidden.clone().requires_grad_(True)
+        ref = F.cross_entropy(
+            F.linear(h_ref, weight).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        ref.backward()
+        assert h_ref.grad is not None
+        for chunk in (0, 3):
+            h = hidden.clone().requires_grad_(True)
+            loss = sharded_head_loss(h, head, labels, chunk)
+            loss.backward()
+            assert h.grad is not None
+            result[f"{name}_loss_rel_chunk{chunk}"] = abs(loss.item() - ref.item()) / abs(ref.item())
+            scale = h_ref.grad.float().abs().max().item()
+            result[f"{name}_grad_rel_chunk{chunk}"] = (
+                h.grad.float() - h_ref.grad.float()
+            ).abs().max().item() / scale
+    return result
+
+
+CHECKS = {"agree": check_agree, "timeout": check_timeout, "buckets": check_buckets, "vocab": check_vocab}
 
 
 def spawn(args: argparse.Namespace) -> None:

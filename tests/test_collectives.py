@@ -1,6 +1,6 @@
 """What 2 real gloo processes see (tests/dist_checks.py): SARA and Mo-SARA take rank 0's SVD on every
-rank, the configured collective timeout is the process group's, and DeepSpeed runs with the ZeRO buckets
-the generated config asks for."""
+rank, the configured collective timeout is the process group's, DeepSpeed runs with the ZeRO buckets
+the generated config asks for, and the vocabulary-sharded modules compute what the whole matrix does."""
 
 from __future__ import annotations
 
@@ -54,3 +54,18 @@ def test_deepspeed_runs_with_buckets_sized_from_the_adapters(tiny_model_dir: Pat
     for rank in _check("buckets", tmp_path, "--model", str(tiny_model_dir)):
         expected = zero_bucket_elements(rank["trainable"])
         assert rank["reduce_bucket_size"] == rank["allgather_bucket_size"] == expected < 5 * 10**8, rank
+
+
+def test_vocabulary_sharded_embedding_head_and_loss_equal_the_whole_matrix(tmp_path: Path) -> None:
+    """Each rank holds half the rows and has its own number of tokens (5 and 9): the lookup and the
+    logits are bit-equal to the whole matrix's; the loss and its hidden-state gradient equal it to fp32
+    rounding, and in bf16 to one bf16 rounding of the gradient (each rank's partial product is rounded
+    before the ranks' sum), whole or in chunks of 3 tokens."""
+    ranks = _check("vocab", tmp_path)
+    assert [r["rows"] for r in ranks] == [[0, 7], [7, 14]]
+    for r in ranks:
+        for dtype in ("float32", "bfloat16"):
+            assert r[f"{dtype}_embedding"] == 0.0 and r[f"{dtype}_logits"] == 0.0, r
+            for chunk in (0, 3):
+                assert r[f"{dtype}_loss_rel_chunk{chunk}"] < 1e-6, r
+                assert r[f"{dtype}_grad_rel_chunk{chunk}"] < (1e-6 if dtype == "float32" else 8e-3), r

@@ -65,9 +65,13 @@ def test_streamed_run_equals_the_from_pretrained_run(results: Path, stage: int, 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_zero3_base_is_partitioned_while_loading_and_not_again(results: Path, quant: str) -> None:
     """After loading, a ZeRO-3 rank holds no base parameter whole (today's path: all of them), and
-    deepspeed.initialize broadcasts nothing (today's path broadcasts the whole model there)."""
+    deepspeed.initialize broadcasts nothing (today's path broadcasts the whole model there). The
+    embedding and head are no parameters at all: each rank holds its rows (trainer/model/vocab.py)."""
     new, old = _record(results, _name(3, quant, "stream")), _record(results, _name(3, quant, "pretrained"))
     assert new["whole_after_load"] == 0 and old["whole_after_load"] > 0
+    # the embedding and head are split by vocabulary rows (so the equality tests above cover them)
+    assert new["vocab_sharded"] == ["model.embed_tokens", "lm_head"] and old["vocab_sharded"] == []
+    assert new["total_params"] == old["total_params"]
     assert new["load_bytes"].get("broadcast", 0) > 0, "nothing was partitioned during loading"
     assert "broadcast" not in new["init_bytes"] and old["init_bytes"].get("broadcast", 0) > 0
 
@@ -79,10 +83,42 @@ def test_zero2_keeps_the_base_whole_as_before(results: Path) -> None:
 
 
 def test_chunked_loss_trains_like_the_whole_loss_under_zero3(results: Path) -> None:
-    """7-token chunks, the head gathered for the loss only: same adapters within the ZeRO tests' fp32
+    """7-token chunks of the vocabulary-sharded loss: same adapters within the ZeRO tests' fp32
     bar (measured 1.3e-4 after 3 steps: float32 sums reordered, amplified by Adam as in those tests)."""
     got = load_file(str(results / "s3-nf4-stream-chunked.safetensors"))
     want = load_file(str(results / f"{_name(3, 'nf4', 'stream')}.safetensors"))
     assert got.keys() == want.keys() and len(got) == 28
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=FP32_ATOL, msg=key)
+
+
+@pytest.fixture(scope="module")
+def tied_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GPT-2: the head is the embedding (tied), its layers are Conv1D, its position embedding is an
+    nn.Embedding that is not the vocabulary's."""
+    from tests.test_stream import _tiny
+
+    out = tmp_path_factory.mktemp("tied")
+    cls, config = _tiny("gpt2")
+    torch.manual_seed(0)
+    cls(config).save_pretrained(out / "gpt2")
+    configs = [{"name": f"gpt2-{loader}", "stage": 3, "quant": "nf4", "loader": loader, "logits": True}
+               for loader in ("stream", "pretrained")]  # fmt: skip
+    _harness(out / "gpt2", out, world=2, accum=2, configs=configs)
+    return out
+
+
+def test_a_tied_head_is_split_once_and_trains_like_the_gathered_one(tied_results: Path) -> None:
+    new, old = _record(tied_results, "gpt2-stream"), _record(tied_results, "gpt2-pretrained")
+    assert new["vocab_sharded"] == ["transformer.wte", "lm_head"] and old["vocab_sharded"] == []
+    assert new["total_params"] == old["total_params"]
+    logits = [
+        load_file(str(tied_results / f"gpt2-{x}.logits.safetensors"))["logits"]
+        for x in ("stream", "pretrained")
+    ]
+    torch.testing.assert_close(*logits, rtol=0, atol=1e-6)
+    got, want = (load_file(str(tied_results / f"gpt2-{x}.safetensors")) for x in ("stream", "pretrained"))
+    assert got.keys() == want.keys() and got
+    assert max(t.abs().max().item() for k, t in got.items() if "lora_B" in k) > 1e-3, "did not train"
     for key in got:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=FP32_ATOL, msg=key)

@@ -116,6 +116,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
     from trainer.engine import build_engine, global_grad_norm, layer_partitioner
     from trainer.loop import train_step
     from trainer.model import count_parameters, prepare_model, prepare_model_from_pretrained
+    from trainer.model.vocab import ShardedEmbedding, ShardedHead
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.optim.riemannian import _partitioned
 
@@ -144,6 +145,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
     load_bytes = dict(SENT)
     # base parameters a rank holds whole once loading is done (ZeRO-3 streaming: none)
     whole = sum(1 for p in model.parameters() if not p.requires_grad and p.data.numel() > 0)
+    split = [n for n, m in model.named_modules() if isinstance(m, (ShardedEmbedding, ShardedHead))]
     optimizer, preconditioner = build_optimizer(model, cfg.optim)
     SENT.clear()
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim, steps), cfg)
@@ -185,6 +187,7 @@ def run_config(spec: dict[str, Any], args: argparse.Namespace) -> None:
         factorisations = preconditioner.factorisations if preconditioner else 0
         record = {"bytes_per_step": bytes_per_step, "partitioned_pairs": partitioned,
                   "load_bytes": load_bytes, "init_bytes": init_bytes, "whole_after_load": whole,
+                  "vocab_sharded": split,
                   "factorisations": factorisations, "steps": steps, "grad_norm": grad_norms, "lr": lrs,
                   "trainable_params": trainable, "total_params": total,
                   "loop_host_reads": host_reads}  # fmt: skip

@@ -292,6 +292,10 @@ class DistributedConfig(Section):
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """Keep optimizer state on the CPU (ZeRO-Offload)."""
+    shard_vocab: bool = True
+    """ZeRO-3 with several workers: split the frozen embedding and output head by vocabulary rows
+    over the ranks and compute with the rows each holds, instead of gathering the whole matrices at
+    every use (trainer/model/vocab.py). Applies where the vocabulary divides by the workers."""
     use_gpu: bool | None = None
     """Train on GPUs; null: when CUDA is available."""
     cpus_per_worker: float = Field(1.0, gt=0)

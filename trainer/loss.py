@@ -24,10 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.data import IGNORE_INDEX
+from trainer.model.vocab import ShardedHead, sharded_head_loss, transforms_logits
 
-# config fields of architectures that transform the logits after the head (Gemma 2's soft-capping,
-# Cohere's and Granite's scaling): deferring the head would skip them, so those are never chunked.
-_POST_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 AUTO_CHUNK_TOKENS = 1024
 AUTO_MIN_VOCAB = 32000
 
@@ -46,9 +44,9 @@ def chunk_tokens_for(setting: int | None, model_config: Any) -> int:
     """Tokens per loss chunk (0: unchunked). ``setting`` None: chunk where it saves memory, i.e. a
     vocabulary of at least 32,000 (where the logits dwarf the hidden states), unless the architecture
     changes the logits after the head."""
-    if any(getattr(model_config, f, None) for f in _POST_HEAD_FIELDS):
+    fields = transforms_logits(model_config)
+    if fields:  # deferring the head would skip what they do: never chunked
         if setting:
-            fields = [f for f in _POST_HEAD_FIELDS if getattr(model_config, f, None)]
             raise ValueError(f"train.loss_chunk_tokens: this architecture transforms its logits ({fields})")
         return 0
     if setting is None:
@@ -125,10 +123,15 @@ def loss_sum(
 ) -> torch.Tensor:
     """The micro-batch's summed token loss through ``model`` (a DeepSpeed engine or a transformers
     model); ``chunk`` tokens at a time when ``chunk`` > 0, the head's parameters made whole by ``gather``."""
+    module = getattr(model, "module", model)
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if isinstance(head, ShardedHead):  # split by vocabulary rows over the ranks: always this way
+        with deferred_head(head):
+            hidden = model(**inputs, use_cache=False).logits
+        return sharded_head_loss(hidden[:, :-1].flatten(0, 1), head, labels[:, 1:].flatten(), chunk)
     if not chunk:
         return token_loss_sum(model(**inputs, use_cache=False).logits, labels)
-    module = getattr(model, "module", model)
-    head = module.get_output_embeddings()
+    assert head is not None, "a chunked loss needs the model's output embeddings"
     with deferred_head(head):
         hidden = model(**inputs, use_cache=False).logits
     return chunked_head_loss(hidden, head, labels, chunk, gather)

@@ -75,8 +75,7 @@ class CheckpointReader:
         """The stored shape, without reading the data."""
         return torch.Size(self._handle(self.files[name]).get_slice(name).get_shape())
 
-    def read(self, name: str, expected: torch.Size) -> torch.Tensor:
-        """The tensor ``name`` (on the CPU), checked against the shape the model expects."""
+    def _checked(self, name: str, expected: torch.Size) -> Path:
         path = self.files.get(name)
         if path is None:
             raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {name!r}")
@@ -85,5 +84,14 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has shape {list(stored)}, the model expects {list(expected)}"
             )
-        tensor: torch.Tensor = self._handle(path).get_tensor(name)
+        return path
+
+    def read(self, name: str, expected: torch.Size) -> torch.Tensor:
+        """The tensor ``name`` (on the CPU), checked against the shape the model expects."""
+        tensor: torch.Tensor = self._handle(self._checked(name, expected)).get_tensor(name)
         return tensor
+
+    def read_rows(self, name: str, expected: torch.Size, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the tensor ``name`` (a copy on the CPU); only those are read."""
+        rows: torch.Tensor = self._handle(self._checked(name, expected)).get_slice(name)[start:stop]
+        return rows

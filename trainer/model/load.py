@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -27,6 +28,7 @@ from trainer.adapters.base_layers import is_quantized
 from trainer.config import FLASH_ATTENTION_NEEDS, ConfigError, ModelConfig, RunConfig
 from trainer.model.speed import apply_liger, compile_layers
 from trainer.model.stream import build_skeleton, load_units, read_config
+from trainer.model.vocab import VocabSplit, logical_numel, sharded_units
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +149,24 @@ def prepare_model(
             partition(unit)
 
     torch.manual_seed(cfg.train.seed)
-    load_units(model, m.path, device, dtype, on_unit)
+    load_units(model, m.path, device, dtype, on_unit, _vocab_split(cfg, model, targets, partition))
     model.train()
     freeze_base(model)
     return _finish(model, cfg, len(targets))
+
+
+def _vocab_split(
+    cfg: RunConfig, model: nn.Module, targets: list[str], partition: Callable[[nn.Module], None] | None
+) -> tuple[VocabSplit, list[str]] | None:
+    """Under ZeRO-3 (a ``partition``) over several ranks, the embedding and head to split by vocabulary
+    rows (``distributed.shard_vocab``; not with Liger's kernels, whose fused loss needs the whole head)."""
+    if partition is None or not cfg.distributed.shard_vocab or cfg.train.liger or not dist.is_initialized():
+        return None
+    split = VocabSplit.current()
+    sharded = sharded_units(model, targets, split.world)
+    if sharded:
+        log.info("split by vocabulary rows over %d ranks (distributed.shard_vocab): %s", split.world, sharded)
+    return (split, sharded) if sharded else None
 
 
 def prepare_model_from_pretrained(cfg: RunConfig, device: torch.device) -> PreTrainedModel:
@@ -236,7 +252,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) logical parameter counts: a 4-bit weight counts its unpacked shape, a ZeRO-3
-    partitioned one its whole size (``ds_numel``; its local tensor is empty outside a gather)."""
+    partitioned one its whole size (``ds_numel``; its local tensor is empty outside a gather), an
+    embedding or head split by vocabulary rows its whole matrix."""
     trainable = total = 0
     for p in model.parameters():
         shape = getattr(getattr(p, "quant_state", None), "shape", None)
@@ -245,4 +262,4 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         )
         total += numel
         trainable += numel if p.requires_grad else 0
-    return trainable, total
+    return trainable, total + logical_numel(model)  # + rows held as buffers (trainer.model.vocab)

@@ -13,6 +13,10 @@ its own (embeddings, final norm, lm_head). For each unit, in the model's module 
 2. the caller's ``on_unit`` runs on it: adapters are injected and, under ZeRO-3, the unit is handed to
    DeepSpeed's partitioning, which frees everything but this rank's slice before the next unit is read.
 
+Under ZeRO-3 the embedding and the head (the ``vocab`` units) are read differently: only this rank's
+rows of the matrix are read, and the module is replaced by its vocabulary-sharded twin
+(trainer/model/vocab.py), so those largest tensors of the model are never whole on any rank.
+
 Peak memory is therefore the already-loaded part (partitioned under ZeRO-3) plus one unit, plus one
 full-precision tensor in flight (the largest, usually the embedding or lm_head).
 """
@@ -34,6 +38,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import AutoHfQuantizer
 
 from trainer.model.checkpoint import CheckpointError, CheckpointReader
+from trainer.model.vocab import ShardedEmbedding, ShardedHead, VocabSplit
 
 UnitHook = Callable[[str, nn.Module], None]
 # (module, attribute name) of every place a parameter is registered: tied weights have several.
@@ -178,6 +183,27 @@ def _materialise(
                 owner._parameters[slot] = new
 
 
+def _shard_vocab(
+    model: nn.Module, prefix: str, unit: nn.Module, reader: CheckpointReader,
+    maps: tuple[Slots, dict[int, list[str]]], device: torch.device, split: VocabSplit,
+    held: dict[int, torch.Tensor],
+) -> None:  # fmt: skip
+    """Replace the embedding or head ``unit`` by its vocabulary-sharded twin, reading only this rank's
+    rows (once for tied weights: ``held`` maps the meta parameter to the rows read for it)."""
+    param = unit.weight
+    assert isinstance(param, nn.Parameter)
+    vocab = param.shape[0]
+    rows = held.get(id(param))
+    if rows is None:
+        name = _stored_name(maps[1][id(param)], reader, getattr(model, "base_model_prefix", ""))
+        start, stop = split.rows(vocab)
+        rows = reader.read_rows(name, param.shape, start, stop).to(device=device, dtype=param.dtype)
+        held[id(param)] = rows
+    twin = ShardedEmbedding if isinstance(unit, nn.Embedding) else ShardedHead
+    parent, _, attr = prefix.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, twin(rows, vocab, split))
+
+
 def _move_buffers(model: nn.Module, device: torch.device) -> None:
     for module in model.modules():
         for attr, buffer in module._buffers.items():
@@ -186,15 +212,22 @@ def _move_buffers(model: nn.Module, device: torch.device) -> None:
 
 
 def load_units(
-    model: PreTrainedModel, path: str, device: torch.device, dtype: torch.dtype, on_unit: UnitHook
-) -> None:
+    model: PreTrainedModel, path: str, device: torch.device, dtype: torch.dtype, on_unit: UnitHook,
+    vocab: tuple[VocabSplit, list[str]] | None = None,
+) -> None:  # fmt: skip
     """Fill the skeleton ``model`` from the checkpoint at ``path``, unit by unit; ``on_unit(prefix, unit)``
     runs on each as soon as it is loaded, before the next is read (the caller injects adapters into it
-    and partitions it there)."""
+    and partitions it there). ``vocab``: this rank's split and the units to shard by vocabulary rows
+    (trainer.model.vocab.sharded_units)."""
     _move_buffers(model, device)
     maps = _slots(model)
+    split, sharded = vocab if vocab is not None else (None, [])
+    held: dict[int, torch.Tensor] = {}
     with CheckpointReader(path) as reader:
         for prefix, unit in list(units(model)):
+            if split is not None and prefix in sharded:
+                _shard_vocab(model, prefix, unit, reader, maps, device, split, held)
+                continue
             _materialise(model, unit, reader, maps, device, dtype)
             on_unit(prefix, unit)
     left = [n for n, p in model.named_parameters() if p.is_meta]

@@ -32,6 +32,7 @@ from trainer.adapters.base_layers import is_quantized
 from trainer.config import RunConfig
 from trainer.model.load import DTYPES, bnb_config
 from trainer.model.stream import build_skeleton, read_config, units
+from trainer.model.vocab import vocab_units
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantize_4bit: quantize_blockwise(absmax, blocksize=256)
 NF4_CODE_ENTRIES = 16
@@ -93,6 +94,7 @@ class ModelCounts:
     embed_bytes: int
     tied: bool
     config: object = field(repr=False)
+    vocab_units: list[str] = field(default_factory=list)  # may be split by vocabulary rows (ZeRO-3)
 
     @property
     def packed(self) -> int:
@@ -113,6 +115,14 @@ class ModelCounts:
     @property
     def largest_tensor_bytes(self) -> int:
         return max(u.largest_tensor for u in self.units) * self.param_itemsize
+
+    @property
+    def vocab(self) -> int:
+        return int(getattr(self.config, "vocab_size", 0))
+
+    def gathered_units(self, vocab_sharded: bool) -> list[UnitBytes]:
+        """The units ZeRO-3 gathers whole around their use (all but the vocabulary-sharded ones)."""
+        return [u for u in self.units if not (vocab_sharded and u.name in self.vocab_units)]
 
 
 def _param_bytes(module: nn.Module, unit: UnitBytes, seen: set[int]) -> None:
@@ -178,10 +188,12 @@ def count_model(cfg: RunConfig, architecture: str | None = None) -> ModelCounts:
     itemsize = DTYPES[cfg.train.dtype].itemsize
     head_bytes = head.weight.numel() * head.weight.element_size() if head is not None else 0
     tied = head is not None and head.weight is embed.weight
+    vocab = vocab_units(model, find_targets(model, cfg.adapter.target_modules))
     return ModelCounts(
         units=counted, adapter_params=sum(p.numel() for p in adapters), adapted_modules=adapted,
         param_itemsize=itemsize, head_bytes=head_bytes,
         embed_bytes=embed.weight.numel() * embed.weight.element_size(), tied=tied, config=model.config,
+        vocab_units=vocab,
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from trainer.config import RunConfig
 from trainer.loss import chunk_tokens_for
 from trainer.model.load import DTYPES
+from trainer.model.vocab import EMBED_CHUNK_TOKENS, splits
 from trainer.plan import hardware as hw
 from trainer.plan.activations import LayerActivations, measure_layer
 from trainer.plan.counts import ModelCounts, count_model
@@ -129,8 +130,8 @@ def plan_config(
     components = (
         _base(cfg, counts, world, offload_params)
         + _adapters(cfg, counts, world)
-        + _activations(cfg, counts, acts, seq)
-        + _deepspeed(cfg, counts, world)
+        + _activations(cfg, counts, acts, seq, world)
+        + _deepspeed(cfg, counts, world, cfg.train.micro_batch_size * seq)
         + _loading(cfg, counts, world)
     )
     plan = Plan(world, devices, seq, cfg.train.micro_batch_size, components,
@@ -151,6 +152,18 @@ def _checkpoint_dtype(counts: ModelCounts) -> object:
 
 def _z3(cfg: RunConfig) -> bool:
     return cfg.distributed.zero_stage == 3
+
+
+def vocab_sharded(cfg: RunConfig, counts: ModelCounts, world: int) -> bool:
+    """Whether the loader splits the embedding and head by vocabulary rows (trainer.model.load)."""
+    d = cfg.distributed
+    return (
+        _z3(cfg)
+        and d.shard_vocab
+        and not cfg.train.liger
+        and bool(counts.vocab_units)
+        and splits(counts.vocab, world)
+    )
 
 
 def _base(cfg: RunConfig, counts: ModelCounts, world: int, offload: bool = False) -> list[Component]:
@@ -195,16 +208,24 @@ def _adapters(cfg: RunConfig, counts: ModelCounts, world: int) -> list[Component
     return rows
 
 
-def loss_buffer(cfg: RunConfig, counts: ModelCounts, tokens: int) -> tuple[int, str]:
-    """Bytes of the loss's logits and their gradient at their peak (trainer/loss.py), and how."""
-    vocab = int(getattr(counts.config, "vocab_size", 0))
+def loss_buffer(cfg: RunConfig, counts: ModelCounts, tokens: int, sharded: bool = False) -> tuple[int, str]:
+    """Bytes of the loss's logits and their gradient at their peak (trainer/loss.py), and how.
+    ``sharded``: the head split by vocabulary rows, one chunk of every rank's tokens over this rank's
+    rows at a time, as many logits as one rank's chunk over the whole vocabulary (trainer/model/vocab.py)."""
+    vocab = counts.vocab
     chunk = chunk_tokens_for(cfg.train.loss_chunk_tokens, counts.config)
+    if sharded:
+        per = min(chunk or tokens, tokens)
+        how = f"vocabulary-sharded, {'chunks of ' + str(chunk) if chunk else 'all'} tokens per rank"
+        return per * vocab * LOSS_CHUNKED_BYTES_PER_LOGIT, how
     if chunk:
         return min(chunk, tokens) * vocab * LOSS_CHUNKED_BYTES_PER_LOGIT, f"chunked, {chunk} tokens at a time"
     return tokens * vocab * LOSS_UNCHUNKED_BYTES_PER_LOGIT, "unchunked (train.loss_chunk_tokens: 0 or auto)"
 
 
-def _activations(cfg: RunConfig, counts: ModelCounts, acts: LayerActivations, seq: int) -> list[Component]:
+def _activations(
+    cfg: RunConfig, counts: ModelCounts, acts: LayerActivations, seq: int, world: int
+) -> list[Component]:
     layers = len(counts.layers)
     b = cfg.train.micro_batch_size
     ckpt = cfg.model.gradient_checkpointing
@@ -219,7 +240,7 @@ def _activations(cfg: RunConfig, counts: ModelCounts, acts: LayerActivations, se
     recompute = acts.retained if ckpt else 0
     forward = acts.forward_extra + dequant
     backward = recompute + acts.hidden + acts.backward_extra + dequant
-    loss, how = loss_buffer(cfg, counts, b * seq)
+    loss, how = loss_buffer(cfg, counts, b * seq, vocab_sharded(cfg, counts, world))
     loss_peak = loss + acts.hidden  # the hidden-state gradient the chunked loss fills as it goes
     transient = max(forward, backward, loss_peak)
     rows = [
@@ -241,7 +262,7 @@ def _buckets(cfg: RunConfig, counts: ModelCounts, world: int) -> int:
     return int(zero["reduce_bucket_size"])
 
 
-def _deepspeed(cfg: RunConfig, counts: ModelCounts, world: int) -> list[Component]:
+def _deepspeed(cfg: RunConfig, counts: ModelCounts, world: int, tokens: int) -> list[Component]:
     d = cfg.distributed
     bucket = _buckets(cfg, counts, world)
     states = adapter_states(counts.adapter_params, counts.param_itemsize, d.zero_stage, world,
@@ -252,18 +273,36 @@ def _deepspeed(cfg: RunConfig, counts: ModelCounts, world: int) -> list[Componen
         Component("deepspeed", "all-gather bucket (ZeRO 1-2)", states.allgather_bucket, "step"),
     ]  # fmt: skip
     if _z3(cfg):
+        sharded = vocab_sharded(cfg, counts, world)
         layer = max((u.partitionable for u in counts.layers), default=0)
-        gathered = max(layer, counts.head_bytes)
+        gathered = max((u.partitionable for u in counts.gathered_units(sharded)), default=0)
         prefetch = min(layer, PREFETCH_ELEMENTS * counts.param_itemsize)
-        rows.append(Component("deepspeed", "ZeRO-3 gathered layer or head, and prefetch", gathered + prefetch,
+        what = "ZeRO-3 gathered layer" + ("" if sharded else " or head") + ", and prefetch"
+        rows.append(Component("deepspeed", what, gathered + prefetch,
                               "train", note="one unit whole + stage3_prefetch_bucket_size"))  # fmt: skip
+        if sharded:
+            rows.append(_vocab_exchange(cfg, counts, world, tokens))
     return rows
+
+
+def _vocab_exchange(cfg: RunConfig, counts: ModelCounts, world: int, tokens: int) -> Component:
+    """What the vocabulary-sharded embedding and loss exchange instead of the weights: every rank's
+    tokens' vectors (the lookup, chunks of EMBED_CHUNK_TOKENS) or hidden states and their float32
+    gradient (the loss, one chunk), whichever is larger."""
+    hidden = int(getattr(counts.config, "hidden_size", 0))
+    lookup = world * min(tokens, EMBED_CHUNK_TOKENS) * hidden * counts.param_itemsize
+    chunk = min(chunk_tokens_for(cfg.train.loss_chunk_tokens, counts.config) or tokens, tokens)
+    loss = world * chunk * hidden * (counts.param_itemsize + 4)
+    return Component("deepspeed", "vocabulary-sharded exchange (every rank's tokens)", max(lookup, loss),
+                     "train", note=f"embedding and head split by rows over {world} ranks")  # fmt: skip
 
 
 def _loading(cfg: RunConfig, counts: ModelCounts, world: int) -> list[Component]:
     """While loading: one full-precision tensor in flight; under ZeRO-3 the unit being partitioned whole."""
-    in_flight = counts.largest_tensor_bytes
-    unit = max((u.partitionable for u in counts.units), default=0) if _z3(cfg) else 0
+    sharded = vocab_sharded(cfg, counts, world)  # its units read as rows: their share only
+    kept = counts.gathered_units(sharded)
+    in_flight = max((u.largest_tensor for u in kept), default=0) * counts.param_itemsize
+    unit = max((u.partitionable for u in kept), default=0) if _z3(cfg) else 0
     name = "one tensor in flight (+ the unit being partitioned)"
     return [Component("loading", name, in_flight + unit, "load",
                       note="streamed loader (trainer/model/stream.py)")]  # fmt: skip
