@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 COLLECTIVES = (
     "all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-    "reduce_scatter_tensor", "all_to_all_single", "_all_gather_base", "_reduce_scatter_base",
+    "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single", "all_to_all_single",
+    "_all_gather_base", "_reduce_scatter_base",
 )  # fmt: skip
 SENT: dict[str, int] = defaultdict(int)
 LOOP_FILE = str(Path("trainer") / "loop.py")

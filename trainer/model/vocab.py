@@ -87,7 +87,7 @@ def _padded(t: torch.Tensor, length: int, value: float = 0) -> torch.Tensor:
 
 def _all_gather(t: torch.Tensor, world: int) -> torch.Tensor:
     out = t.new_empty((world * t.shape[0], *t.shape[1:]))
-    dist.all_gather_into_tensor(out, t.contiguous())
+    dist.all_gather_single(out, t.contiguous())
     return out
 
 
@@ -123,7 +123,7 @@ class ShardedEmbedding(nn.Module):
             vectors = F.embedding(ids.clamp_(0, held - 1), self.weight)
             vectors[~mine] = 0
             piece = vectors.new_empty((size, self.embedding_dim))
-            dist.reduce_scatter_tensor(piece, vectors)
+            dist.reduce_scatter_single(piece, vectors)
             pieces.append(piece)
         return torch.cat(pieces)[: flat.numel()].view(*input_ids.shape, self.embedding_dim)
 
@@ -187,7 +187,8 @@ class _ShardedHeadLoss(torch.autograd.Function):
         every_label = every_label.view(world, chunks, chunk)
         held = rows.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.zeros_like(hidden_p) if ctx.needs_input_grad[0] else None
+        # float32, scaled by the incoming gradient only in backward (see trainer.loss._ChunkedHeadLoss)
+        grad = torch.zeros_like(hidden_p, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         for i in range(chunks):
             part = slice(i * chunk, (i + 1) * chunk)
             h = _all_gather(hidden_p[part], world)  # (world * chunk, H)
@@ -211,17 +212,19 @@ class _ShardedHeadLoss(torch.autograd.Function):
                 probs = exp.div_(norm[:, None])
                 probs[owned, local_y[owned]] -= 1.0
                 probs[~valid] = 0.0
-                every_grad = (probs.to(rows.dtype) @ rows).float()
+                every_grad = (probs.to(rows.dtype) @ rows).float()  # the ranks' partials summed in fp32
                 piece = every_grad.new_empty((chunk, every_grad.shape[1]))
-                dist.reduce_scatter_tensor(piece, every_grad)
-                grad[part] = piece.to(grad.dtype)
+                dist.reduce_scatter_single(piece, every_grad)
+                grad[part] = piece
+        ctx.dtype = hidden.dtype
         ctx.save_for_backward(grad[:n] if grad is not None else hidden.new_empty(0))
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_out.to(grad.dtype) if ctx.needs_input_grad[0] else None), None, None, None, None
+        scaled = (grad * grad_out).to(ctx.dtype) if ctx.needs_input_grad[0] else None
+        return scaled, None, None, None, None
 
 
 def sharded_head_loss(

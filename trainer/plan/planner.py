@@ -241,7 +241,8 @@ def _activations(
     forward = acts.forward_extra + dequant
     backward = recompute + acts.hidden + acts.backward_extra + dequant
     loss, how = loss_buffer(cfg, counts, b * seq, vocab_sharded(cfg, counts, world))
-    loss_peak = loss + acts.hidden  # the hidden-state gradient the chunked loss fills as it goes
+    # the float32 hidden-state gradient the chunked loss fills as it goes
+    loss_peak = loss + acts.hidden * 4 // counts.param_itemsize
     transient = max(forward, backward, loss_peak)
     rows = [
         Component("activations", f"saved for backward ({layers} layers)", stack, "train",
