@@ -67,7 +67,9 @@ def test_unmerged_in_eval_mode_without_grad_equals_its_merge(
     assert not unmerged.training
     merged = load_trained(adapter_dir, merged=True).model
     with torch.no_grad():
-        assert rel_err(logits(unmerged), logits(merged)) <= 1e-5
+        # float32 rounding of two different sums: measured for LoRA, each forward lies ~6e-6 from the
+        # merged model run in float64 (merged 7.0e-6, unmerged 5.6e-6), 1.24e-5 from each other
+        assert rel_err(logits(unmerged), logits(merged)) <= 3e-5
     assert rel_err(logits(unmerged), logits(base4)) > 1e-3, "the adapter had no effect"
 
 
