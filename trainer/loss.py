@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.data import IGNORE_INDEX
-from trainer.model.vocab import ShardedHead, sharded_head_loss, transforms_logits
+from trainer.model.vocab import ShardedHead, saved_grad_backward, sharded_head_loss, transforms_logits
 
 AUTO_CHUNK_TOKENS = 1024
 AUTO_MIN_VOCAB = 32000
@@ -92,11 +92,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return total
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
-        (grad,) = ctx.saved_tensors
-        scaled = (grad * grad_out).to(ctx.dtype) if ctx.needs_input_grad[0] else None
-        return scaled, None, None, None, None
+    backward = staticmethod(saved_grad_backward)
 
 
 def chunked_head_loss(

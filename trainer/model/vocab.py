@@ -164,6 +164,15 @@ class ShardedHead(nn.Module):
         return logits.view(*hidden.shape[:-1], self.out_features)
 
 
+def saved_grad_backward(
+    ctx: Any, grad_out: torch.Tensor
+) -> tuple[torch.Tensor | None, None, None, None, None]:
+    """Backward of a loss that saved its float32 input gradient in forward: scaled, then cast once."""
+    (grad,) = ctx.saved_tensors
+    scaled = (grad * grad_out).to(ctx.dtype) if ctx.needs_input_grad[0] else None
+    return scaled, None, None, None, None
+
+
 class _ShardedHeadLoss(torch.autograd.Function):
     """sum CE(hidden @ W.T, labels) over this rank's tokens, W split by rows over the ranks."""
 
@@ -220,11 +229,7 @@ class _ShardedHeadLoss(torch.autograd.Function):
         ctx.save_for_backward(grad[:n] if grad is not None else hidden.new_empty(0))
         return total
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
-        (grad,) = ctx.saved_tensors
-        scaled = (grad * grad_out).to(ctx.dtype) if ctx.needs_input_grad[0] else None
-        return scaled, None, None, None, None
+    backward = staticmethod(saved_grad_backward)
 
 
 def sharded_head_loss(
